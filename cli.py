@@ -1,0 +1,282 @@
+"""`retrieve`: train MIND on a behaviour log, build a FAISS item index, query it, evaluate offline.
+
+The CLI only parses arguments, calls the library and prints. Bad input ends with one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger("retrieve")
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's RetrievalError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from retrieval.errors import RetrievalError
+
+        try:
+            return fn(*args, **kwargs)
+        except RetrievalError as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
+Interactions = Annotated[Path, typer.Option(help="Interaction log (CSV or Parquet): user, item, timestamp.")]
+Items = Annotated[Optional[Path], typer.Option(help="Item side file: id, optional title, feature columns.")]
+Users = Annotated[Optional[Path], typer.Option(help="User-profile file: id and profile columns.")]
+
+
+@app.command()
+@clean_errors
+def generate(
+    out: Annotated[Path, typer.Option(help="Directory for interactions.csv, items.csv, users.csv.")] = Path("runs/demo/data"),
+    users: Annotated[int, typer.Option(min=10, help="Number of users.")] = 2000,
+    items: Annotated[int, typer.Option(min=50, help="Number of items.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Write the embedded synthetic behaviour log (users with planted multiple interests)."""
+    from data.synthetic import SyntheticConfig, generate as gen
+
+    try:
+        paths = gen(out, SyntheticConfig(n_users=users, n_items=items, seed=seed))
+    except ValueError as err:
+        _fail(str(err))
+    for name, p in paths.items():
+        typer.echo(f"{name}: {p}")
+
+
+@app.command()
+@clean_errors
+def train(
+    interactions: Interactions,
+    out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
+    items: Items = None,
+    users: Users = None,
+    user_col: Annotated[str, typer.Option(help="User id column.")] = "user_id",
+    item_col: Annotated[str, typer.Option(help="Item id column.")] = "item_id",
+    time_col: Annotated[str, typer.Option(help="Timestamp column (numeric).")] = "timestamp",
+    item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns (default: all but id and title).")] = None,
+    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns (default: all but id).")] = None,
+    interests: Annotated[int, typer.Option("--interests", "-k", min=1, help="K: most interest vectors per user.")] = 4,
+    dim: Annotated[int, typer.Option(min=2, help="D: embedding size.")] = 64,
+    max_len: Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")] = 50,
+    routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
+    pow: Annotated[float, typer.Option(min=0, help="Label-aware attention power p (0 = mean).")] = 2.0,
+    hard_attention: Annotated[bool, typer.Option(help="Label-aware attention takes the best-matching interest.")] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
+    negatives: Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")] = 512,
+    neg_alpha: Annotated[float, typer.Option(help="Negatives drawn ∝ frequency^alpha (0 = uniform).")] = 0.75,
+    patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")] = 3,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
+    merge: Annotated[str, typer.Option(help="Merge of interests for validation: best or share.")] = "best",
+) -> None:
+    """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
+    from retrieval.data import DataSpec, load_dataset, split_users
+    from retrieval.train import TrainConfig, model_config_for, train as run_train
+
+    if merge not in ("best", "share"):
+        _fail(f"--merge must be best or share, got {merge!r}")
+    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
+                    item_features=_columns(item_features), user_features=_columns(user_features))
+    ds = load_dataset(spec)
+    split = split_users(ds, split_seed)
+    cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
+                           pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                     patience=patience, seed=seed, split_seed=split_seed, merge=merge)
+    result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
+    typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
+               f"{result.samples_per_s:,.0f} samples/s")
+
+
+@app.command("build-index")
+@clean_errors
+def build_index_cmd(
+    bundle: Annotated[Path, typer.Option(help="Model bundle from `retrieve train`.")],
+    out: Annotated[Path, typer.Option(help="Index directory to write.")],
+    factory: Annotated[str, typer.Option(help="faiss index_factory string: Flat (exact), IVF256,Flat, HNSW32 ...")] = "Flat",
+) -> None:
+    """Embed every item with the trained model and write a FAISS inner-product index."""
+    from index.faiss_index import build_index, save_index
+    from retrieval.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    vectors = b.model.item_vectors().detach().numpy()
+    index = build_index(vectors, factory)
+    save_index(index, out, {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)})
+    typer.echo(f"index: {out}  {factory}  {index.ntotal} items  d={index.d}")
+
+
+def _read_users_file(path: Path) -> list[str]:
+    if not path.is_file():
+        _fail(f"{path}: file not found")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        _fail(f"{path}: no user ids (one per line)")
+    return ids
+
+
+@app.command()
+@clean_errors
+def query(
+    bundle: Annotated[Path, typer.Option(help="Model bundle.")],
+    index: Annotated[Path, typer.Option(help="Index built from that bundle.")],
+    user: Annotated[Optional[str], typer.Option(help="User id as in the log.")] = None,
+    users_file: Annotated[Optional[Path], typer.Option(help="File of user ids, one per line.")] = None,
+    n: Annotated[int, typer.Option("-n", min=1, help="Items to return per user.")] = 10,
+    merge: Annotated[str, typer.Option(help="Merge of interests: best or share.")] = "best",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Top-N items for users, from all their known behaviours (items already seen excluded)."""
+    import numpy as np
+
+    from index.faiss_index import load_index
+    from retrieval.bundle import load_bundle
+    from retrieval.recommend import recommend
+
+    if (user is None) == (users_file is None):
+        _fail("give exactly one of --user or --users-file")
+    if merge not in ("best", "share"):
+        _fail(f"--merge must be best or share, got {merge!r}")
+    b = load_bundle(bundle)
+    idx, _ = load_index(index, b.fingerprint)
+    raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
+    ds = b.dataset
+    uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
+    rec = recommend(b.model, ds, idx, uidx, ds.lengths()[uidx], n, merge=merge)  # type: ignore[arg-type]
+    results = []
+    for r, u in enumerate(raw):
+        rows = []
+        for rank, (i, s, k) in enumerate(zip(rec.items[r], rec.scores[r], rec.interest[r]), 1):
+            if i == 0:
+                break
+            row = {"rank": rank, "item": str(ds.item_ids[i]), "score": round(float(s), 6), "interest": int(k)}
+            if ds.titles is not None:
+                row["title"] = str(ds.titles[i])
+            rows.append(row)
+        results.append({"user": u, "history": int(ds.lengths()[uidx[r]]), "items": rows})
+    if as_json:
+        typer.echo(json.dumps(results if users_file else results[0], indent=2, ensure_ascii=False))
+        return
+    for res in results:
+        typer.echo(f"user {res['user']}  ({res['history']} behaviours)")
+        typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  {'interest':>8}  title")
+        for row in res["items"]:
+            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {row['score']:>9.4f}  {row['interest']:>8}  {row.get('title', '')}")
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    bundle: Annotated[Path, typer.Option(help="MIND model bundle.")],
+    index: Annotated[Optional[Path], typer.Option(help="Index built from the bundle (default: exact search in memory).")] = None,
+    k1_bundle: Annotated[Optional[Path], typer.Option(help="The same MIND trained with --interests 1, as a baseline.")] = None,
+    part: Annotated[str, typer.Option(help="Held-out users: test or validation.")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
+) -> None:
+    """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol)."""
+    from index.faiss_index import load_index
+    from retrieval.artifacts import atomic_write_json
+    from retrieval.bundle import load_bundle
+    from retrieval.evaluate import evaluate_bundles, format_table
+
+    if part not in ("test", "validation"):
+        _fail(f"--part must be test or validation, got {part!r}")
+    b = load_bundle(bundle)
+    idx = load_index(index, b.fingerprint)[0] if index else None
+    k1 = load_bundle(k1_bundle) if k1_bundle else None
+    report = evaluate_bundles(b, idx, k1, part)
+    if out:
+        atomic_write_json(out, report)
+    typer.echo(f"{report['dataset']}  split seed {report['split_seed']}  {part} users {report['users']}  "
+               f"K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
+               f"{report['merge_chosen_on_validation']}")
+    typer.echo(format_table(report))
+    if out:
+        typer.echo(f"report: {out}")
+
+
+@app.command()
+@clean_errors
+def experiment(
+    interactions: Interactions,
+    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    items: Items = None,
+    users: Users = None,
+    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
+    item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
+    interests: Annotated[int, typer.Option("--interests", "-k", min=1)] = 4,
+    dim: Annotated[int, typer.Option(min=2)] = 64,
+    max_len: Annotated[int, typer.Option(min=1)] = 50,
+    pow: Annotated[float, typer.Option(min=0)] = 2.0,
+    hard_attention: Annotated[bool, typer.Option()] = False,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
+    negatives: Annotated[int, typer.Option(min=1)] = 512,
+    neg_alpha: Annotated[float, typer.Option()] = 0.75,
+    patience: Annotated[int, typer.Option(min=1)] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
+    from retrieval.artifacts import atomic_write_json
+    from retrieval.data import DataSpec, load_dataset
+    from retrieval.evaluate import format_table
+    from retrieval.experiment import run_experiment
+    from retrieval.train import TrainConfig
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    spec = DataSpec(interactions, items, users, item_features=_columns(item_features),
+                    user_features=_columns(user_features))
+    ds = load_dataset(spec)
+    settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
+                "attention": "hard" if hard_attention else "power", "seed": seed}
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                     patience=patience, seed=seed)
+    report = run_experiment(ds, spec, seed_list, settings, tc)
+    atomic_write_json(out, report)
+    typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
+               f"wall {report['wall_time_s']:.0f}s")
+    typer.echo(format_table(report))
+    typer.echo(f"report: {out}")
+
+
+if __name__ == "__main__":
+    app()

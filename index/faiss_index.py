@@ -1,0 +1,359 @@
+"""FAISS item index for multi-interest retrieval: build, save, load, search many interests, merge.
+
+Items are indexed by inner product, faiss id = row position in the item matrix. A user's K
+interest vectors are searched in one call over all users (`search_interests`), then each
+user's K result lists are merged into one top-n list (`merge_interests`), the way
+faiss.contrib.exhaustive_search merges result blocks: best score per item, duplicates and
+-1 ids dropped. Names around faiss calls are faiss's own: nq, d, k, results D, I.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from retrieval.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    atomic_write_json,
+    file_fingerprint,
+    package_versions,
+    read_manifest,
+)
+from retrieval.errors import ArtifactError, RetrievalError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+KIND = "index"
+METRIC = "inner_product"
+_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256")
+
+
+def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
+    """Inner-product index over item vectors (N, d); faiss id = row position 0..N-1.
+
+    `factory` is a faiss index_factory string ("Flat", "IVF64,Flat", "HNSW32", "IVF256,PQ16"...);
+    the index is trained on the vectors when it needs training.
+    """
+    xb = _as_float32_2d(vectors, "vectors")
+    N, d = xb.shape
+    if N == 0:
+        raise RetrievalError("cannot build an index over 0 item vectors")
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = _faiss_reason(err)
+        raise RetrievalError(f"bad faiss index factory {factory!r} for d={d}: {reason}") from None
+    if not index.is_trained:
+        nlist = _nlist(index)
+        if nlist is not None and N < nlist:
+            raise RetrievalError(
+                f"index factory {factory!r} needs at least {nlist} vectors to train {nlist} lists, "
+                f"got {N}"
+            )
+        try:
+            index.train(xb)
+        except RuntimeError as err:
+            raise RetrievalError(
+                f"index factory {factory!r} cannot be trained on {N} vectors: {_faiss_reason(err)}"
+            ) from None
+    index.add(xb)
+    log.debug("built %s index over %d vectors of d=%d", factory, index.ntotal, d)
+    return index
+
+
+def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Atomically write out_dir/index.faiss and out_dir/manifest.json.
+
+    The manifest holds kind "index", factory, d, ntotal, metric "inner_product", package
+    versions, the created time and the index file's sha256, plus the caller's fields
+    (e.g. bundle_fingerprint). `factory` is taken from the caller's fields when given (the
+    string passed to build_index), else recovered from the index.
+    """
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise RetrievalError(
+            f"only inner-product indexes are saved, got faiss metric {index.metric_type}"
+        )
+    clash = sorted(set(manifest) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"manifest fields {clash} are written by save_index itself")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "kind": KIND,
+                "factory": manifest.get("factory") or _factory_string(index),
+                "d": int(index.d),
+                "ntotal": int(index.ntotal),
+                "metric": METRIC,
+                "packages": package_versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "index_sha256": file_fingerprint(tmp / INDEX_FILE),
+                **{k: v for k, v in manifest.items() if k != "factory"},
+            },
+        )
+    log.info("saved index (%d vectors) to %s", index.ntotal, out_dir)
+
+
+def load_index(
+    index_dir: Path, bundle_fingerprint: str | None = None
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Read an index written by save_index; check it is whole and, if asked, from that bundle."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir, KIND)
+    if bundle_fingerprint is not None and manifest.get("bundle_fingerprint") != bundle_fingerprint:
+        built_from = manifest.get("bundle_fingerprint")
+        built_from = "none" if not built_from else str(built_from)[:12]
+        raise ArtifactError(
+            f"{index_dir}: the index was built from another model bundle "
+            f"(index: {built_from}, bundle: {bundle_fingerprint[:12]}); rebuild it with build-index"
+        )
+    path = index_dir / INDEX_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{index_dir}: incomplete index (no {INDEX_FILE})")
+    expected = manifest.get("index_sha256")
+    if expected is not None and file_fingerprint(path) != expected:
+        raise ArtifactError(f"{path}: corrupt index (sha256 differs from the manifest)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise ArtifactError(f"{path}: unreadable faiss index ({_faiss_reason(err)})") from None
+    got = {"d": int(index.d), "ntotal": int(index.ntotal)}
+    for name, value in got.items():
+        if manifest.get(name) != value:
+            raise ArtifactError(
+                f"{path}: index has {name}={value}, manifest says {manifest.get(name)}"
+            )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ArtifactError(
+            f"{path}: not an inner-product index (faiss metric {index.metric_type})"
+        )
+    return index, manifest
+
+
+def set_search_param(index: faiss.Index, name: str, value: float) -> None:
+    """Set a search-time parameter (nprobe for IVF, efSearch for HNSW) via faiss.ParameterSpace."""
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    except RuntimeError:
+        raise RetrievalError(
+            f"search parameter {name}={value} does not apply to a {type(index).__name__} index"
+        ) from None
+
+
+def search_interests(
+    index: faiss.Index, queries: np.ndarray, mask: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items of every active interest vector, in one index.search call.
+
+    queries: (U, K, d) float32; mask: (U, K) bool, False = inactive interest, never searched.
+    Returns D (U, K, k) float32 (-inf where no result) and I (U, K, k) int64 (-1 where no
+    result), best first; inactive rows are all -inf / -1. k is clipped to index.ntotal.
+    """
+    queries = np.asarray(queries)
+    if queries.ndim != 3:
+        raise ValueError(f"queries must be (U, K, d), got shape {queries.shape}")
+    U, K, d = queries.shape
+    if d != index.d:
+        raise ValueError(f"queries have d={d}, the index has d={index.d}")
+    mask = np.asarray(mask)
+    if mask.shape != (U, K) or mask.dtype != bool:
+        raise ValueError(f"mask must be a ({U}, {K}) bool array, got {mask.dtype} {mask.shape}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(int(k), int(index.ntotal))
+    active = mask.reshape(-1)  # (U*K,)
+    D = np.full((U * K, k), -np.inf, dtype=np.float32)
+    I = np.full((U * K, k), -1, dtype=np.int64)
+    if k > 0 and active.any():
+        xq = np.ascontiguousarray(queries.reshape(U * K, d)[active], dtype=np.float32)  # (nq, d)
+        if not np.isfinite(xq).all():
+            raise ValueError("active interest vectors hold NaN or infinite values")
+        Da, Ia = index.search(xq, k)  # (nq, k)
+        Da[Ia < 0] = -np.inf  # faiss pads missing results with -FLT_MAX for inner product
+        D[active] = Da
+        I[active] = Ia
+    return D.reshape(U, K, k), I.reshape(U, K, k)
+
+
+def merge_interests(
+    D: np.ndarray,
+    I: np.ndarray,
+    n: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    strategy: Literal["best", "share"] = "best",
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge each user's K result lists (D, I: (U, K, k)) into one top-n list.
+
+    -1 ids and the ids in exclude[u] (e.g. the user's history) are dropped.
+    'best': each item keeps its best score over the interests (ties: lower interest index),
+    then the top n by score.
+    'share': interest j gets a share of the n slots proportional to weights[u, j] (U, K)
+    (e.g. routing mass, zero for inactive interests; largest-remainder rounding so the shares
+    sum to n), filled from its own list in its own order, skipping items already taken or
+    excluded (an item both interests want goes to the one that scores it higher); slots an
+    interest cannot fill go to the others' next best. A user whose weights are all zero gets
+    equal shares.
+    Both return ids (U, n) int64 (-1 padded), scores (U, n) float32 (-inf padded) and
+    interest (U, n) int64 (the interest that retrieved the item, -1 padded), ordered by
+    score descending (ties: lower interest, then lower id).
+    """
+    D = np.asarray(D)
+    I = np.asarray(I)
+    if D.ndim != 3 or D.shape != I.shape:
+        raise ValueError(f"D and I must be (U, K, k) of one shape, got {D.shape} and {I.shape}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    U, K, k = I.shape
+    if strategy == "best":
+        if weights is not None:
+            raise ValueError("weights apply only to strategy='share'")
+    elif strategy == "share":
+        if weights is None:
+            raise ValueError("strategy='share' needs weights (U, K)")
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (U, K) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(
+                f"weights must be ({U}, {K}), finite and non-negative, got shape {weights.shape}"
+            )
+    else:
+        raise ValueError(f"strategy must be 'best' or 'share', got {strategy!r}")
+
+    # Flatten each user's K lists and sort by (score desc, interest asc, id asc).
+    ids = I.reshape(U, K * k).astype(np.int64)  # (U, K*k)
+    scores = D.reshape(U, K * k).astype(np.float32)  # (U, K*k)
+    interest = np.broadcast_to(np.repeat(np.arange(K, dtype=np.int64), k), (U, K * k))  # (U, K*k)
+    order = np.lexsort((ids, interest, -scores), axis=-1)  # (U, K*k)
+    ids = np.take_along_axis(ids, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    interest = np.take_along_axis(interest, order, axis=1)
+    keep = (ids >= 0) & ~_excluded(ids, exclude)  # (U, K*k)
+
+    if strategy == "best":
+        # The first occurrence of an id in score order is its best (score, interest):
+        # a stable sort by id puts it first among its duplicates.
+        by_id = np.argsort(ids, axis=1, kind="stable")  # (U, K*k)
+        sorted_ids = np.take_along_axis(ids, by_id, axis=1)
+        first = np.ones_like(keep)
+        first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+        np.put_along_axis(first, by_id, first.copy(), axis=1)  # back to score order
+        keep &= first
+    else:
+        for u in range(U):
+            keep[u] = _share_one(ids[u], interest[u], keep[u], weights[u], n, K)
+
+    out_ids = np.full((U, n), -1, dtype=np.int64)
+    out_scores = np.full((U, n), -np.inf, dtype=np.float32)
+    out_interest = np.full((U, n), -1, dtype=np.int64)
+    slot = np.cumsum(keep, axis=1) - 1  # (U, K*k) output position of each kept entry
+    rows, cols = np.nonzero(keep & (slot < n))
+    out_ids[rows, slot[rows, cols]] = ids[rows, cols]
+    out_scores[rows, slot[rows, cols]] = scores[rows, cols]
+    out_interest[rows, slot[rows, cols]] = interest[rows, cols]
+    return out_ids, out_scores, out_interest
+
+
+def _share_one(
+    ids: np.ndarray, interest: np.ndarray, valid: np.ndarray, w: np.ndarray, n: int, K: int
+) -> np.ndarray:
+    """One user's 'share' selection over entries already in score order; returns the kept mask."""
+    present = np.bincount(interest[valid], minlength=K) > 0  # interests with any usable result
+    if w.sum() <= 0:
+        w = present.astype(np.float64)
+    if w.sum() <= 0:
+        return np.zeros_like(valid)
+    quota = n * w / w.sum()
+    slots = np.floor(quota).astype(np.int64)
+    rest = n - int(slots.sum())
+    # largest remainder; equal remainders go to the lower interest
+    slots[np.argsort(-(quota - slots), kind="stable")[:rest]] += 1
+
+    keep = np.zeros_like(valid)
+    taken: set[int] = set()
+    # Pass 1: each interest takes its own list in order up to its quota.
+    for pos in np.flatnonzero(valid):
+        item, j = int(ids[pos]), int(interest[pos])
+        if slots[j] > 0 and item not in taken:
+            keep[pos] = True
+            taken.add(item)
+            slots[j] -= 1
+    # Pass 2: slots left unfilled go to the next best results of any interest.
+    left = n - len(taken)
+    for pos in np.flatnonzero(valid & ~keep):
+        if left == 0:
+            break
+        item = int(ids[pos])
+        if item not in taken:
+            keep[pos] = True
+            taken.add(item)
+            left -= 1
+    return keep
+
+
+def _excluded(ids: np.ndarray, exclude: Sequence[np.ndarray] | None) -> np.ndarray:
+    """(U, m) bool: ids[u, j] is in exclude[u], by one sorted search over (user, id) keys."""
+    U = ids.shape[0]
+    if exclude is None:
+        return np.zeros(ids.shape, dtype=bool)
+    if len(exclude) != U:
+        raise ValueError(f"exclude has {len(exclude)} users, the results have {U}")
+    span = int(ids.max(initial=-1)) + 1  # ids at or beyond span can never match a result
+    if span == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    ex = [np.asarray(e, dtype=np.int64).ravel() for e in exclude]
+    ex_users = np.repeat(np.arange(U, dtype=np.int64), [e.size for e in ex])
+    ex_ids = np.concatenate(ex) if ex else np.zeros(0, dtype=np.int64)
+    inside = (ex_ids >= 0) & (ex_ids < span)
+    ex_keys = np.sort(ex_users[inside] * span + ex_ids[inside])
+    if ex_keys.size == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    keys = np.arange(U, dtype=np.int64)[:, None] * span + ids  # (U, m)
+    at = np.minimum(np.searchsorted(ex_keys, keys), ex_keys.size - 1)  # faster than np.isin here
+    return (ex_keys[at] == keys) & (ids >= 0)
+
+
+def _as_float32_2d(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be a 2-D float array (N, d), got {x.ndim}-D {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} hold NaN or infinite values")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _nlist(index: faiss.Index) -> int | None:
+    """The number of inverted lists of an IVF index (inside any pre-transform), else None."""
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def _factory_string(index: faiss.Index) -> str:
+    from faiss.contrib.factory_tools import reverse_index_factory
+
+    try:
+        return reverse_index_factory(index)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return type(index).__name__
+
+
+def _faiss_reason(err: RuntimeError) -> str:
+    """A faiss C++ exception's message without its 'Error in <function> at <file:line>:' frame."""
+    msg = str(err).strip()
+    m = re.match(r"Error in .*? at \S+:\d+: (.*)", msg, flags=re.DOTALL)
+    if m:
+        msg = m.group(1)
+    msg = re.sub(r"^Error: '.*?' failed: ", "", msg, flags=re.DOTALL)
+    return " ".join(msg.split())

@@ -1,0 +1,376 @@
+"""Behaviour-log ingestion: polars lazy scans, validation on arrival, id vocabularies, the user split.
+
+Every retrieval and ranking figure rests on this module, so bad input stops here with
+one line that names the file, the column and the bad value (`DataError`), and the
+split follows `shared/eval-protocol.md` exactly.
+
+Encoding: items get indices 1..N in the sorted order of their raw ids (0 is padding);
+users get 0..U-1 likewise. Raw ids are kept as strings; when every id of a column is an
+integer the sort is numeric, so MovieLens ids sort as numbers and the protocol's
+`rng.permutation(sorted_user_ids)` is reproduced by permuting user indices.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from retrieval.artifacts import file_fingerprint
+from retrieval.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PAD = "<pad>"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the behaviour log and its side files are, and which columns mean what."""
+
+    interactions: Path  # CSV or Parquet: one row per behaviour
+    items: Path | None = None  # optional item side file (title, category, genres ...)
+    users: Path | None = None  # optional user-profile file (age, gender ...)
+    user_col: str = "user_id"  # user id column (interactions and users file)
+    item_col: str = "item_id"  # item id column (interactions and items file)
+    time_col: str = "timestamp"  # numeric event time (Unix seconds), orders a user's sequence
+    title_col: str = "title"  # item title shown by `query`, never a feature; ignored if absent
+    item_features: tuple[str, ...] | None = None  # item feature columns; None = every other column
+    user_features: tuple[str, ...] | None = None  # profile columns; None = every other column
+    separator: str = "|"  # multi-valued features are joined by this (MovieLens genres)
+
+
+@dataclass
+class Dataset:
+    """An encoded behaviour log: per-user sequences in CSR form plus vocabularies and features."""
+
+    item_ids: np.ndarray  # (N+1,) str raw item ids; [0] is padding
+    user_ids: np.ndarray  # (U,) str raw user ids
+    offsets: np.ndarray  # (U+1,) int64: user u's sequence is items[offsets[u]:offsets[u+1]]
+    items: np.ndarray  # (E,) int32 item indices, each user's sorted by (time, item id)
+    times: np.ndarray  # (E,) int64 event times
+    item_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N+1, M) int32, 0 pad
+    item_feature_vocab: dict[str, list[str]] = field(default_factory=dict)  # name -> values; [0] pad
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (U, M) int32, 0 pad
+    user_feature_vocab: dict[str, list[str]] = field(default_factory=dict)
+    titles: np.ndarray | None = None  # (N+1,) str or None
+    fingerprint: str = ""  # sha256 over the input files' bytes and the spec
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+    def user_index(self, raw_id: str) -> int:
+        """Index of a raw user id; DataError if unknown."""
+        if not hasattr(self, "_user_lookup"):
+            self._user_lookup = {u: i for i, u in enumerate(self.user_ids.tolist())}
+        try:
+            return self._user_lookup[str(raw_id)]
+        except KeyError:
+            raise DataError(f"unknown user {raw_id!r}: not in the training log") from None
+
+
+@dataclass
+class Split:
+    """The protocol's split by user; val/test users keep only their first 80 % as history."""
+
+    seed: int
+    train_users: np.ndarray  # (U_train,) int64 user indices
+    val_users: np.ndarray
+    test_users: np.ndarray
+    history_len: np.ndarray  # (U,) items of each user's sequence the model may see
+
+    def users(self, part: str) -> np.ndarray:
+        parts = {"train": self.train_users, "validation": self.val_users, "test": self.test_users}
+        if part not in parts:
+            raise DataError(f"unknown split part {part!r}; use one of {', '.join(parts)}")
+        return parts[part]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _scan(path: Path, string_cols: list[str]) -> pl.LazyFrame:
+    """Lazy scan of a CSV or Parquet file, with the named columns read as strings."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            lf = pl.scan_parquet(path)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            head = pl.read_csv(path, n_rows=0, separator="\t" if suffix == ".tsv" else ",")
+            overrides = {c: pl.String for c in string_cols if c in head.columns}
+            lf = pl.scan_csv(
+                path,
+                separator="\t" if suffix == ".tsv" else ",",
+                schema_overrides=overrides,
+                infer_schema_length=10_000,
+            )
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
+        lf.collect_schema()
+    except DataError:
+        raise
+    except (pl.exceptions.PolarsError, OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read ({_first_line(err)})") from None
+    return lf
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _require_columns(lf: pl.LazyFrame, path: Path, cols: list[str]) -> None:
+    names = lf.collect_schema().names()
+    for c in cols:
+        if c not in names:
+            raise DataError(f"{path}: missing column {c!r} (columns: {', '.join(names)})")
+
+
+def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise DataError(f"{path}: cannot read ({_first_line(err)})") from None
+
+
+def _first_bad(df: pl.DataFrame, bad: pl.Expr, col: str) -> tuple[int, object]:
+    """Row number (1-based, data rows) and value of the first row where `bad` holds."""
+    row = df.with_row_index("_row").filter(bad).select("_row", col).row(0)
+    return int(row[0]) + 1, row[1]
+
+
+def _string_ids(df: pl.DataFrame, col: str, path: Path) -> pl.DataFrame:
+    """Check an id column has no nulls or blanks and cast it to strings."""
+    s = df.get_column(col)
+    if s.dtype != pl.String:
+        df = df.with_columns(pl.col(col).cast(pl.String))
+    df = df.with_columns(pl.col(col).str.strip_chars())
+    bad = pl.col(col).is_null() | (pl.col(col) == "")
+    if df.select(bad.any()).item():
+        row, _ = _first_bad(df, bad, col)
+        raise DataError(f"{path}: column {col!r} has a null id at row {row}")
+    return df
+
+
+def _numeric_ids(raw: pl.Series) -> bool:
+    return raw.str.contains(r"^-?\d+$").all()
+
+
+def _sorted_vocab(raw: pl.Series) -> np.ndarray:
+    """Distinct raw ids in sort order: numeric when every id is an integer, else lexicographic."""
+    uniq = raw.unique()
+    if _numeric_ids(uniq):
+        order = uniq.cast(pl.Int64).arg_sort()
+        uniq = uniq.gather(order)
+    else:
+        uniq = uniq.sort()
+    return uniq.to_numpy().astype(str)
+
+
+def read_interactions(spec: DataSpec) -> pl.DataFrame:
+    """Validated interactions as (user: str, item: str, time: int64), in file order."""
+    path = Path(spec.interactions)
+    cols = [spec.user_col, spec.item_col, spec.time_col]
+    lf = _scan(path, cols)
+    _require_columns(lf, path, cols)
+    df = _collect(lf.select(cols), path)
+    if df.height == 0:
+        raise DataError(f"{path}: no interactions (the file has a header but no rows)")
+    df = _string_ids(df, spec.user_col, path)
+    df = _string_ids(df, spec.item_col, path)
+    t = spec.time_col
+    if df.get_column(t).dtype == pl.String:
+        parsed = pl.col(t).str.strip_chars().cast(pl.Float64, strict=False)
+        df = df.with_columns(parsed.alias("_t"), pl.col(t).alias("_raw"))
+    elif df.get_column(t).dtype.is_numeric():
+        df = df.with_columns(pl.col(t).cast(pl.Float64).alias("_t"), pl.col(t).alias("_raw"))
+    else:
+        raise DataError(f"{path}: column {t!r} must hold numeric timestamps, found {df.get_column(t).dtype}")
+    bad = pl.col("_t").is_null() | pl.col("_t").is_nan() | pl.col("_t").is_infinite()
+    if df.select(bad.any()).item():
+        row, value = _first_bad(df, bad, "_raw")
+        what = "a null timestamp" if value is None else f"a non-numeric timestamp {value!r}"
+        raise DataError(f"{path}: column {t!r} has {what} at row {row}")
+    return df.select(
+        pl.col(spec.user_col).alias("user"),
+        pl.col(spec.item_col).alias("item"),
+        pl.col("_t").cast(pl.Int64).alias("time"),
+    )
+
+
+def _read_side(path: Path, id_col: str, kind: str) -> pl.DataFrame:
+    lf = _scan(path, [id_col])
+    _require_columns(lf, path, [id_col])
+    df = _collect(lf, path)
+    if df.height == 0:
+        raise DataError(f"{path}: no {kind} (the file has a header but no rows)")
+    df = _string_ids(df, id_col, path)
+    dup = df.get_column(id_col).is_duplicated()
+    if dup.any():
+        raise DataError(f"{path}: column {id_col!r} repeats the id {df.get_column(id_col).filter(dup)[0]!r}")
+    return df
+
+
+def _feature_columns(df: pl.DataFrame, path: Path, chosen: tuple[str, ...] | None, skip: set[str]) -> list[str]:
+    if chosen is None:
+        return [c for c in df.columns if c not in skip]
+    for c in chosen:
+        if c not in df.columns:
+            raise DataError(f"{path}: missing column {c!r} (columns: {', '.join(df.columns)})")
+    return list(chosen)
+
+
+def _encode_feature(values: pl.Series, n_rows: int, row_index: np.ndarray, sep: str) -> tuple[np.ndarray, list[str]]:
+    """Encode one (possibly multi-valued) feature column into an (n_rows, M) int32 matrix.
+
+    `row_index[i]` is the output row of values[i]; rows without a value get 'unknown'.
+    Vocabulary: [0] padding, [1] 'unknown', then the sorted distinct values.
+    """
+    s = values.cast(pl.String).fill_null("")
+    lists = s.str.split(sep).list.eval(pl.element().str.strip_chars()).list.eval(
+        pl.element().filter(pl.element() != "")
+    )
+    flat = lists.explode().drop_nulls()
+    vocab = [PAD, UNKNOWN] + sorted(set(flat.unique().to_list()) - {UNKNOWN})
+    lookup = {v: i for i, v in enumerate(vocab)}
+    lens = lists.list.len().to_numpy()
+    width = max(1, int(lens.max()) if len(lens) else 1)
+    out = np.zeros((n_rows, width), dtype=np.int32)
+    out[:, 0] = 1  # unknown unless the file says otherwise
+    codes = np.array([lookup[v] for v in flat.to_list()], dtype=np.int32) if len(flat) else np.zeros(0, np.int32)
+    rows = np.repeat(row_index, lens)
+    cols = np.concatenate([np.arange(n) for n in lens]) if len(lens) else np.zeros(0, np.int64)
+    has = lens > 0
+    out[row_index[has], 0] = 0
+    out[rows, cols] = codes
+    return out, vocab
+
+
+def load_dataset(spec: DataSpec) -> Dataset:
+    """Read, validate and encode a behaviour log and its optional side files."""
+    inter = read_interactions(spec)
+    items_df = _read_side(spec.items, spec.item_col, "items") if spec.items else None
+    users_df = _read_side(spec.users, spec.user_col, "users") if spec.users else None
+
+    # Item vocabulary: every interacted item plus every item of the side file.
+    raw_items = inter.get_column("item")
+    if items_df is not None:
+        raw_items = pl.concat([raw_items, items_df.get_column(spec.item_col)])
+    item_ids = _sorted_vocab(raw_items)
+    user_ids = _sorted_vocab(inter.get_column("user"))
+    item_map = pl.DataFrame({"item": item_ids, "item_idx": np.arange(1, len(item_ids) + 1, dtype=np.int32)})
+    user_map = pl.DataFrame({"user": user_ids, "user_idx": np.arange(len(user_ids), dtype=np.int32)})
+
+    enc = (
+        inter.lazy()
+        .join(user_map.lazy(), on="user")
+        .join(item_map.lazy(), on="item")
+        .select("user_idx", "item_idx", "time")
+        .sort(["user_idx", "time", "item_idx"])
+        .collect()
+    )
+    counts = np.bincount(enc.get_column("user_idx").to_numpy(), minlength=len(user_ids))
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+
+    ds = Dataset(
+        item_ids=np.concatenate([[PAD], item_ids]).astype(str),
+        user_ids=user_ids,
+        offsets=offsets,
+        items=enc.get_column("item_idx").to_numpy().astype(np.int32),
+        times=enc.get_column("time").to_numpy().astype(np.int64),
+    )
+
+    if items_df is not None:
+        _attach_item_side(ds, items_df, spec)
+    if users_df is not None:
+        _attach_user_side(ds, users_df, spec)
+    ds.fingerprint = _fingerprint(spec)
+    log.info("loaded %d interactions, %d users, %d items from %s", len(ds.items), ds.n_users, ds.n_items, spec.interactions)
+    return ds
+
+
+def _attach_item_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec) -> None:
+    path = Path(spec.items)
+    lookup = {v: i for i, v in enumerate(ds.item_ids.tolist())}
+    rows = np.array([lookup[v] for v in df.get_column(spec.item_col).to_list()], dtype=np.int64)
+    interacted = np.zeros(ds.n_items + 1, dtype=bool)
+    interacted[np.unique(ds.items)] = True
+    described = np.zeros(ds.n_items + 1, dtype=bool)
+    described[rows] = True
+    missing = int((interacted & ~described).sum())
+    if missing:
+        log.warning("%d interacted items are not in %s; their features are %r", missing, path, UNKNOWN)
+    if spec.title_col in df.columns:
+        titles = np.full(ds.n_items + 1, "", dtype=object)
+        titles[rows] = df.get_column(spec.title_col).cast(pl.String).fill_null("").to_numpy()
+        ds.titles = titles.astype(str)
+    for col in _feature_columns(df, path, spec.item_features, {spec.item_col, spec.title_col}):
+        mat, vocab = _encode_feature(df.get_column(col), ds.n_items + 1, rows, spec.separator)
+        mat[0] = 0
+        ds.item_features[col], ds.item_feature_vocab[col] = mat, vocab
+
+
+def _attach_user_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec) -> None:
+    path = Path(spec.users)
+    lookup = {v: i for i, v in enumerate(ds.user_ids.tolist())}
+    raw = df.get_column(spec.user_col).to_list()
+    keep = np.array([v in lookup for v in raw], dtype=bool)
+    df = df.filter(pl.Series(keep))
+    rows = np.array([lookup[v] for v in df.get_column(spec.user_col).to_list()], dtype=np.int64)
+    missing = ds.n_users - len(rows)
+    if missing:
+        log.warning("%d users are not in %s; their profile is %r", missing, path, UNKNOWN)
+    for col in _feature_columns(df, path, spec.user_features, {spec.user_col}):
+        mat, vocab = _encode_feature(df.get_column(col), ds.n_users, rows, spec.separator)
+        ds.user_features[col], ds.user_feature_vocab[col] = mat, vocab
+
+
+def _fingerprint(spec: DataSpec) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in (spec.interactions, spec.items, spec.users):
+        h.update(file_fingerprint(Path(p)).encode() if p else b"-")
+    for name in ("user_col", "item_col", "time_col", "title_col", "item_features", "user_features", "separator"):
+        h.update(repr(getattr(spec, name)).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def split_users(ds: Dataset, seed: int = 2026) -> Split:
+    """Split users as the protocol says: 80/10/10 by a seeded permutation of sorted user ids;
+    val/test users keep the first floor(0.8 n) items (at least 1) as history."""
+    n = ds.n_users
+    order = np.random.default_rng(seed).permutation(n)  # same draw as permuting the sorted ids
+    n_train, n_val = (8 * n) // 10, n // 10  # floor(0.8 n), floor(0.1 n) in exact integers
+    train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+    lengths = ds.lengths()
+    history_len = lengths.copy()
+    held = np.concatenate([val, test])
+    history_len[held] = np.maximum(1, (4 * lengths[held]) // 5)  # floor(0.8 n), at least 1
+    return Split(seed, np.sort(train), np.sort(val), np.sort(test), history_len)

@@ -1,0 +1,164 @@
+"""The synthetic generator: determinism, id forms, session timing and the planted interests."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from data.synthetic import SESSION_GAP_MIN_S, WITHIN_GAP_S, SyntheticConfig, generate
+
+SMALL = SyntheticConfig(n_users=200, n_items=500, n_topics=20, max_len=80, mean_len=40.0, seed=1)
+FILES = ("interactions", "items", "users", "planted")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return generate(tmp_path_factory.mktemp("synthetic"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def log(small: dict[str, Path]) -> pl.DataFrame:
+    """Interactions with each item's planted topic, in file order."""
+    item_topic = json.loads(small["planted"].read_text())["item_topic"]
+    return pl.read_csv(small["interactions"]).with_columns(
+        pl.col("item_id").replace_strict(item_topic, return_dtype=pl.Int64).alias("topic")
+    )
+
+
+@pytest.fixture(scope="module")
+def per_user(log: pl.DataFrame) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
+    """(user_id, item ids, topics, timestamps) per user, in file order."""
+    grouped = log.group_by("user_id", maintain_order=True).agg("item_id", "topic", "timestamp")
+    return [(u, items, np.asarray(t), np.asarray(ts)) for u, items, t, ts in grouped.iter_rows()]
+
+
+def _bytes(paths: dict[str, Path]) -> dict[str, bytes]:
+    return {name: paths[name].read_bytes() for name in FILES}
+
+
+def test_writes_the_four_files_and_nothing_else(small: dict[str, Path]) -> None:
+    assert set(small) == set(FILES)
+    out_dir = small["interactions"].parent
+    assert sorted(p.name for p in out_dir.iterdir()) == ["interactions.csv", "items.csv", "planted.json", "users.csv"]
+    assert small["interactions"].read_text().splitlines()[0] == "user_id,item_id,timestamp"
+    assert small["items"].read_text().splitlines()[0] == "item_id,title,category"
+    assert small["users"].read_text().splitlines()[0] == "user_id,age,gender"
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, small: dict[str, Path]) -> None:
+    again = _bytes(generate(tmp_path / "again", SMALL))
+    assert again == _bytes(small)
+    other = _bytes(generate(tmp_path / "other", replace(SMALL, seed=2)))
+    for name in FILES:
+        assert other[name] != again[name], name
+
+
+def test_ids_have_the_documented_form(log: pl.DataFrame, small: dict[str, Path]) -> None:
+    users = pl.read_csv(small["users"])
+    items = pl.read_csv(small["items"])
+    assert users["user_id"].to_list() == [f"u{i:05d}" for i in range(1, SMALL.n_users + 1)]
+    assert items["item_id"].to_list() == [f"i{j:05d}" for j in range(1, SMALL.n_items + 1)]
+    assert sorted(log["user_id"].unique().to_list()) == users["user_id"].to_list()
+    assert log["item_id"].str.contains(r"^i\d{5}$").all()
+    assert log["timestamp"].dtype == pl.Int64
+
+
+def test_every_user_long_enough_and_never_repeats(per_user: list) -> None:
+    assert len(per_user) == SMALL.n_users
+    lengths = [len(items) for _, items, _, _ in per_user]
+    assert min(lengths) >= SMALL.min_len
+    assert max(lengths) <= SMALL.max_len
+    assert len(set(lengths)) > 10  # lengths really vary
+    for u, items, _, _ in per_user:
+        assert len(set(items)) == len(items), u
+
+
+def test_timestamps_separate_sessions_by_more_than_30_minutes(per_user: list) -> None:
+    first = np.array([ts[0] for _, _, _, ts in per_user])
+    assert first.min() >= 1704067200  # 2024-01-01
+    assert first.max() < 1704067200 + 14 * 86400
+    gaps = np.concatenate([np.diff(ts) for _, _, _, ts in per_user])
+    assert (gaps >= 0).all()  # non-decreasing per user
+    within = gaps[gaps <= WITHIN_GAP_S[1]]
+    between = gaps[gaps > WITHIN_GAP_S[1]]
+    assert within.min() >= WITHIN_GAP_S[0]
+    assert between.min() > SESSION_GAP_MIN_S  # nothing between 10 and 30 minutes
+    assert between.size > 0.1 * gaps.size and within.size > 0.5 * gaps.size
+    assert np.median(between) > 3600  # hours to days, not minutes
+
+
+def test_a_session_stays_on_one_topic_and_sessions_switch(per_user: list) -> None:
+    purity, switched = [], []
+    for _, _, topics, ts in per_user:
+        sessions = np.split(topics, np.flatnonzero(np.diff(ts) > SESSION_GAP_MIN_S) + 1)
+        modes = [np.bincount(s).argmax() for s in sessions]
+        purity.extend(np.bincount(s).max() / s.size for s in sessions)
+        switched.extend(a != b for a, b in zip(modes, modes[1:]))
+    assert np.mean(purity) > 0.9
+    assert np.mean(switched) > 0.8
+
+
+def test_users_concentrate_on_several_planted_topics(per_user: list, small: dict[str, Path]) -> None:
+    user_topics = json.loads(small["planted"].read_text())["user_topics"]
+    in_planted, n_strong = [], []
+    for u, _, topics, _ in per_user:
+        assert 2 <= len(user_topics[u]) <= 5
+        in_planted.append(np.isin(topics, user_topics[u]).mean())
+        shares = np.bincount(topics) / topics.size
+        n_strong.append(int((shares >= 0.1).sum()))
+    in_planted_a, n_strong_a = np.array(in_planted), np.array(n_strong)
+    assert (in_planted_a >= 0.8).mean() >= 0.95
+    assert in_planted_a.mean() >= 0.9
+    assert (n_strong_a >= 3).mean() >= 0.7  # a single vector per user would not do
+
+
+def test_popularity_is_skewed_within_a_topic(log: pl.DataFrame) -> None:
+    counts = log.group_by("topic", "item_id").len().sort("len", descending=True)
+    top_fifth = counts.group_by("topic").agg(pl.col("len").head(pl.len() // 5).sum() / pl.col("len").sum())
+    # The top fifth of a topic's items would hold about 25% (20% plus sampling noise) were
+    # popularity flat (item_zipf=0); Zipf(1) drawn without repeats gives about 36%.
+    assert top_fifth["len"].median() > 0.31
+
+
+def test_items_list_every_item_with_consistent_title_and_category(small: dict[str, Path]) -> None:
+    items = pl.read_csv(small["items"])
+    item_topic = json.loads(small["planted"].read_text())["item_topic"]
+    assert items.height == SMALL.n_items == len(item_topic)
+    category_of_topic: dict[int, str] = {}
+    for item, title, category in items.iter_rows():
+        match = re.fullmatch(r"Item (\d+) \(topic (\d+)\)", title)
+        assert match is not None, title
+        assert int(match.group(1)) == int(item[1:])
+        topic = int(match.group(2))
+        assert topic == item_topic[item]
+        assert category_of_topic.setdefault(topic, category) == category  # a topic has one category
+    assert len(category_of_topic) == SMALL.n_topics
+    assert len(set(category_of_topic.values())) == SMALL.n_categories
+
+
+def test_users_have_a_profile(small: dict[str, Path]) -> None:
+    users = pl.read_csv(small["users"])
+    assert set(users["gender"].unique().to_list()) == {"F", "M"}
+    assert set(users["age"].unique().to_list()) <= {"18-24", "25-34", "35-44", "45-54", "55-64", "65+"}
+    assert users["age"].n_unique() >= 4
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"min_len": 0}, "min_len"),
+        ({"max_len": 10}, "min_len"),
+        ({"n_topics": 400}, "min_len=20"),  # topics of 1 item cannot hold 20 behaviours
+        ({"noise": 1.0}, "noise"),
+        ({"interest_count_probs": (0.5, 0.5, 0.5, 0.5)}, "interest_count_probs"),
+    ],
+)
+def test_config_rejects_bad_values_by_name(bad: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        replace(SMALL, **bad)
