@@ -31,7 +31,8 @@ def _fail(message: str) -> None:
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's RetrievalError into one line on stderr and exit code 2."""
+    """Turn the library's RetrievalError, or an OS error on a path (an --out under a file, no
+    permission, disk full), into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,6 +42,8 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except RetrievalError as err:
             _fail(str(err))
+        except OSError as err:
+            _fail(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
 
     return wrapper
 

@@ -118,9 +118,13 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         titles=arrays.get("titles"),
         fingerprint=manifest["data_fingerprint"],
     )
-    model_cfg = MINDConfig(**config["model"])
-    model = MIND(model_cfg, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
-    model.load_state_dict(state)
+    try:  # a bundle written by another version of the code: other config fields or weight shapes
+        model_cfg = MINDConfig(**config["model"])
+        model = MIND(model_cfg, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())  # load_state_dict's message spans several lines
+        raise ArtifactError(f"{path}: bundle does not fit this version of the model ({reason})") from None
     model.eval()
     split = split_users(ds, manifest["split_seed"])
     return Bundle(model, ds, split, config, manifest, path)

@@ -143,9 +143,16 @@ def _first_line(err: BaseException) -> str:
 
 def _require_columns(lf: pl.LazyFrame, path: Path, cols: list[str]) -> None:
     names = lf.collect_schema().names()
+    if any(c not in names for c in cols) and not all(_is_text(n) for n in names):
+        raise DataError(f"{path}: cannot read (binary data where the header should be; not a CSV file?)")
     for c in cols:
         if c not in names:
             raise DataError(f"{path}: missing column {c!r} (columns: {', '.join(names)})")
+
+
+def _is_text(name: str) -> bool:
+    """False for a header cell that is binary data decoded lossily (control bytes, U+FFFD)."""
+    return "\ufffd" not in name and all(ch.isprintable() or ch == "\t" for ch in name)
 
 
 def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
@@ -180,12 +187,11 @@ def _numeric_ids(raw: pl.Series) -> bool:
 
 def _sorted_vocab(raw: pl.Series) -> np.ndarray:
     """Distinct raw ids in sort order: numeric when every id is an integer, else lexicographic."""
-    uniq = raw.unique()
+    uniq = raw.unique().sort()  # lexicographic; also the tie order of "7" and "007" below
     if _numeric_ids(uniq):
-        order = uniq.cast(pl.Int64).arg_sort()
-        uniq = uniq.gather(order)
-    else:
-        uniq = uniq.sort()
+        ints = uniq.cast(pl.Int64, strict=False)  # null where an id overflows int64
+        if ints.null_count() == 0:
+            uniq = uniq.gather(np.argsort(ints.to_numpy(), kind="stable"))
     return uniq.to_numpy().astype(str)
 
 
@@ -213,6 +219,10 @@ def read_interactions(spec: DataSpec) -> pl.DataFrame:
         row, value = _first_bad(df, bad, "_raw")
         what = "a null timestamp" if value is None else f"a non-numeric timestamp {value!r}"
         raise DataError(f"{path}: column {t!r} has {what} at row {row}")
+    huge = pl.col("_t").abs() >= 2.0**63  # would overflow int64 seconds
+    if df.select(huge.any()).item():
+        row, value = _first_bad(df, huge, "_raw")
+        raise DataError(f"{path}: column {t!r} has an out-of-range timestamp {value!r} at row {row}")
     return df.select(
         pl.col(spec.user_col).alias("user"),
         pl.col(spec.item_col).alias("item"),

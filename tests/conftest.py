@@ -1,0 +1,88 @@
+"""Session fixtures shared by the CLI and bundle tests: seeded synthetic logs and bundles trained once.
+
+Every bundle is trained through the CLI itself (`retrieve train`), tiny (one epoch, D=16),
+so the whole session costs a few seconds of training on two cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from cli import app
+from data.synthetic import SyntheticConfig, generate
+
+SMALL = SyntheticConfig(n_users=150, n_items=300, n_topics=10, max_len=60, mean_len=40.0, seed=3)
+# A second, different log: a K=1 bundle trained on it is "trained on other data".
+TINY = SyntheticConfig(
+    n_users=40, n_items=100, n_topics=5, n_categories=5, min_len=10, max_len=20, mean_len=15.0, seed=7
+)
+FAST = ("--epochs", "1", "--dim", "16", "--negatives", "64")
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture(scope="session")
+def invoke() -> Invoke:
+    """Run `retrieve ARGS...` in-process; stdout and stderr are kept apart (result.stderr)."""
+    runner = CliRunner()
+
+    def run(*args: str | Path) -> Result:
+        return runner.invoke(app, [str(a) for a in args])
+
+    return run
+
+
+def _train(invoke: Invoke, data: dict[str, Path], out: Path, extra: Sequence[str]) -> Path:
+    result = invoke(
+        "train", "--interactions", data["interactions"], "--items", data["items"], "--users", data["users"],
+        "--out", out, *FAST, *extra,
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """interactions.csv, items.csv, users.csv, planted.json of the SMALL log."""
+    return generate(tmp_path_factory.mktemp("small_data"), SMALL)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return generate(tmp_path_factory.mktemp("tiny_data"), TINY)
+
+
+@pytest.fixture(scope="session")
+def bundle_k4(invoke: Invoke, small_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MIND with K=4 interests on the SMALL log."""
+    return _train(invoke, small_data, tmp_path_factory.mktemp("bundles") / "mind_k4", ("--interests", "4"))
+
+
+@pytest.fixture(scope="session")
+def bundle_k1(invoke: Invoke, small_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same MIND with K=1 on the same log: the evaluation baseline."""
+    return _train(invoke, small_data, tmp_path_factory.mktemp("bundles") / "mind_k1", ("--interests", "1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_k1_twice(
+    invoke: Invoke, tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """Two K=1 bundles trained on the TINY log with the same seed (for determinism and data mismatch)."""
+    root = tmp_path_factory.mktemp("tiny_bundles")
+    extra = ("--interests", "1", "--seed", "5", "--max-len", "10")
+    return _train(invoke, tiny_data, root / "a", extra), _train(invoke, tiny_data, root / "b", extra)
+
+
+@pytest.fixture(scope="session")
+def index_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exact (Flat) index over the K=4 bundle's item vectors."""
+    out = tmp_path_factory.mktemp("indexes") / "flat_k4"
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
