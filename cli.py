@@ -162,8 +162,13 @@ def query(
     n: Annotated[int, typer.Option("-n", min=1, help="Items to return per user.")] = 10,
     merge: Annotated[str, typer.Option(help="Merge of interests: best or share.")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
 ) -> None:
-    """Top-N items for users, from all their known behaviours (items already seen excluded)."""
+    """Top-N items for users, from all their known behaviours (items already seen excluded).
+
+    With --rank, M candidates are retrieved, scored by the ranker, and the top N printed
+    with both the retrieval score and the ranking score."""
     import numpy as np
 
     from index.faiss_index import load_index
@@ -179,14 +184,32 @@ def query(
     raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
     ds = b.dataset
     uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
-    rec = recommend(b.model, ds, idx, uidx, ds.lengths()[uidx], n, merge=merge)  # type: ignore[arg-type]
+    ends = ds.lengths()[uidx]
+    rec = recommend(b.model, ds, idx, uidx, ends, candidates if rank else n, merge=merge)  # type: ignore[arg-type]
+    rank_scores = None
+    if rank is not None:
+        from retrieval.ranking.bundle import load_ranker
+        from retrieval.ranking.data import TouchedItems
+        from retrieval.ranking.evaluate import rerank
+
+        ranker = load_ranker(rank, b)
+        reranked, logits = rerank(ranker.model, ds, TouchedItems(ds), uidx, ends, rec.items)
+        # carry each item's retrieval score and interest along to its new position
+        for r in range(len(uidx)):
+            by_item = {int(i): (s_, k) for i, s_, k in zip(rec.items[r], rec.scores[r], rec.interest[r])}
+            rec.scores[r] = [by_item.get(int(i), (-np.inf, -1))[0] for i in reranked[r]]
+            rec.interest[r] = [by_item.get(int(i), (-np.inf, -1))[1] for i in reranked[r]]
+        rec.scores, rec.interest = rec.scores[:, :n], rec.interest[:, :n]
+        rec.items, rank_scores = reranked[:, :n], logits[:, :n]
     results = []
     for r, u in enumerate(raw):
         rows = []
-        for rank, (i, s, k) in enumerate(zip(rec.items[r], rec.scores[r], rec.interest[r]), 1):
+        for rank_pos, (i, s, k) in enumerate(zip(rec.items[r], rec.scores[r], rec.interest[r]), 1):
             if i == 0:
                 break
-            row = {"rank": rank, "item": str(ds.item_ids[i]), "score": round(float(s), 6), "interest": int(k)}
+            row = {"rank": rank_pos, "item": str(ds.item_ids[i]), "score": round(float(s), 6), "interest": int(k)}
+            if rank_scores is not None:
+                row["rank_score"] = round(float(rank_scores[r, rank_pos - 1]), 6)
             if ds.titles is not None:
                 row["title"] = str(ds.titles[i])
             rows.append(row)
@@ -196,9 +219,13 @@ def query(
         return
     for res in results:
         typer.echo(f"user {res['user']}  ({res['history']} behaviours)")
-        typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  {'interest':>8}  title")
+        ranked = rank is not None
+        typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  " + (f"{'rank_score':>10}  " if ranked else "")
+                   + f"{'interest':>8}  title")
         for row in res["items"]:
-            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {row['score']:>9.4f}  {row['interest']:>8}  {row.get('title', '')}")
+            extra = f"{row['rank_score']:>10.4f}  " if ranked else ""
+            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {row['score']:>9.4f}  {extra}{row['interest']:>8}  "
+                       f"{row.get('title', '')}")
 
 
 @app.command()
@@ -209,8 +236,13 @@ def evaluate(
     k1_bundle: Annotated[Optional[Path], typer.Option(help="The same MIND trained with --interests 1, as a baseline.")] = None,
     part: Annotated[str, typer.Option(help="Held-out users: test or validation.")] = "test",
     out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
+    ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle: add AUC / GAUC and two-stage metrics.")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="M: candidates the ranker reorders.")] = 200,
 ) -> None:
-    """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol)."""
+    """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol).
+
+    With --ranker, also the ranker's standalone AUC and GAUC and the two-stage
+    (retrieve M, rerank) metrics beside the retrieval order on the same users."""
     from index.faiss_index import load_index
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
@@ -222,14 +254,71 @@ def evaluate(
     idx = load_index(index, b.fingerprint)[0] if index else None
     k1 = load_bundle(k1_bundle) if k1_bundle else None
     report = evaluate_bundles(b, idx, k1, part)
+    if ranker is not None:
+        from index.faiss_index import build_index
+        from retrieval.ranking.bundle import load_ranker
+        from retrieval.ranking.evaluate import evaluate_ranker
+
+        rb = load_ranker(ranker, b)
+        index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
+        report["ranker"] = {"model": rb.name, "bundle": str(ranker),
+                            **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
     if out:
         atomic_write_json(out, report)
     typer.echo(f"{report['dataset']}  split seed {report['split_seed']}  {part} users {report['users']}  "
                f"K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
                f"{report['merge_chosen_on_validation']}")
     typer.echo(format_table(report))
+    if "ranker" in report:
+        r = report["ranker"]
+        typer.echo(f"ranker {r['model']}: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}  "
+                   f"({r['candidates_per_s']:,.0f} candidates/s)")
+        for stage in ("retrieval_only", "two_stage"):
+            typer.echo(f"  {stage:<15}" + "  ".join(f"{k} {v:.4f}" for k, v in r[stage].items()))
     if out:
         typer.echo(f"report: {out}")
+
+
+@app.command("train-ranker")
+@clean_errors
+def train_ranker_cmd(
+    bundle: Annotated[Path, typer.Option(help="Retrieval bundle: its data, split and (for hard negatives) model.")],
+    out: Annotated[Path, typer.Option(help="Ranker bundle directory to write.")],
+    model: Annotated[str, typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")] = "din",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
+    negative_source: Annotated[str, typer.Option(help="uniform (never-touched items) or retrieval (the retriever's top-M).")] = "uniform",
+    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user for hard negatives.")] = 200,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding size per field.")] = 16,
+    max_len: Annotated[int, typer.Option(min=1)] = 50,
+    patience: Annotated[int, typer.Option(min=1)] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
+    from retrieval.bundle import load_bundle
+    from retrieval.ranking.bundle import save_ranker
+    from retrieval.ranking.models import NAMES
+    from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
+
+    if model not in NAMES:
+        _fail(f"--model must be one of {', '.join(NAMES)}, got {model!r}")
+    if negative_source not in ("uniform", "retrieval"):
+        _fail(f"--negative-source must be uniform or retrieval, got {negative_source!r}")
+    b = load_bundle(bundle)
+    cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
+                          negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
+                          dim=dim, max_len=max_len)
+    hard = hard_negatives(b, candidates) if negative_source == "retrieval" else None
+
+    def save(m, history):  # rewrite the best ranker so far, atomically
+        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
+
+    result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save)
+    save(result.model, result.history)
+    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
+               f"{result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()

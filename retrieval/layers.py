@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,3 +46,112 @@ class PooledEmbedding(nn.Module):
         e = self.emb(ids)  # (..., M, D)
         n = (ids != 0).sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
         return e.sum(-2) / n
+
+
+class Dice(nn.Module):
+    """Dice activation (DIN, Zhou et al. 2018): f(s) = p(s) s + (1 - p(s)) alpha s with
+    p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps)). E and Var are the mini-batch's in
+    training and running averages in eval, as in batch normalisation."""
+
+    def __init__(self, dim: int, eps: float = 1e-8, momentum: float = 0.01):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, s: Tensor) -> Tensor:  # (..., dim)
+        shape = s.shape
+        flat = s.reshape(-1, shape[-1])  # (B*, dim)
+        p = torch.sigmoid(self.bn(flat)).reshape(shape)
+        return p * s + (1 - p) * self.alpha * s
+
+
+Activation = str  # "dice" | "prelu" | "relu" | "sigmoid"
+
+
+def activation(name: Activation, dim: int) -> nn.Module:
+    if name == "dice":
+        return Dice(dim)
+    if name == "prelu":
+        return nn.PReLU(dim)
+    if name == "relu":
+        return nn.ReLU()
+    if name == "sigmoid":  # the DIN / DIEN / DMIN reference code's attention-unit activation
+        return nn.Sigmoid()
+    raise ValueError(f"unknown activation {name!r}; use dice, prelu, relu or sigmoid")
+
+
+def act_mlp(in_dim: int, hidden: Sequence[int], act: Activation, out_dim: int = 1) -> nn.Sequential:
+    """Linear layers of widths `hidden`, each followed by `activation(act)`, then a linear
+    output layer of `out_dim` (no activation): the rankers' final MLP (DIN: 200-80-1, Dice)."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), activation(act, h)]
+        width = h
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+class ActivationUnit(nn.Module):
+    """DIN's local activation unit: one weight per behaviour from an MLP over
+    [behaviour, candidate, behaviour - candidate, behaviour * candidate].
+
+    Weights are not normalised by a softmax (DIN keeps the intensity of interest);
+    padded behaviours weigh exactly zero. The MLP only sees real positions, so Dice's batch
+    statistics never include padding. The query is one candidate per row (B, D), or one
+    query per behaviour (B, L, D) (DMIN's candidate ⊕ position encoding).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (36,), act: Activation = "dice"):
+        super().__init__()
+        self.mlp = act_mlp(4 * dim, hidden, act)
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (B, L, D), query (B, D) or (B, L, D), mask (B, L) -> pooled (B, D), weights (B, L)."""
+        q = query.unsqueeze(1).expand_as(keys) if query.dim() == 2 else query  # (B, L, D)
+        x = torch.cat([keys, q, keys - q, keys * q], dim=-1)[mask]  # (n_real, 4D)
+        w = keys.new_zeros(mask.shape)  # (B, L)
+        w = w.masked_scatter(mask, self.mlp(x).squeeze(-1).to(w.dtype))
+        return (w.unsqueeze(-1) * keys).sum(1), w
+
+
+class TargetAttention(nn.Module):
+    """Softmax attention of a sequence against a target (DIEN eq. 8, DSIN eqs. 9-10).
+
+    "bilinear" (the papers' form): logit_l = k_l W q. "mlp" (the authors' released code):
+    logit_l = MLP([k_l, q', k_l - q', k_l * q']), q' = q mapped to the key size when the
+    sizes differ; the MLP only sees real positions, so Dice's batch statistics never
+    include padding. Weights are a softmax over real positions: masked ones weigh exactly
+    zero, and an all-masked row has zero weights and a zero pooled vector.
+    """
+
+    def __init__(
+        self,
+        key_dim: int,
+        query_dim: int,
+        kind: Literal["bilinear", "mlp"] = "bilinear",
+        hidden: Sequence[int] = (80, 40),
+        act: Activation = "dice",
+    ):
+        super().__init__()
+        self.kind = kind
+        if kind == "bilinear":
+            self.W = nn.Parameter(torch.empty(key_dim, query_dim))
+            nn.init.xavier_uniform_(self.W)
+        elif kind == "mlp":
+            self.q = nn.Identity() if key_dim == query_dim else nn.Linear(query_dim, key_dim, bias=False)
+            self.mlp = act_mlp(4 * key_dim, hidden, act)
+        else:
+            raise ValueError(f"unknown attention {kind!r}; use bilinear or mlp")
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (B, L, Dk), query (B, Dq), mask (B, L) -> pooled (B, Dk), weights (B, L)."""
+        if self.kind == "bilinear":
+            logits = torch.einsum("bld,de,be->bl", keys, self.W, query)  # (B, L)
+        else:
+            q = self.q(query).unsqueeze(1).expand_as(keys)  # (B, L, Dk)
+            x = torch.cat([keys, q, keys - q, keys * q], dim=-1)[mask]  # (n_real, 4Dk)
+            logits = keys.new_full(mask.shape, float("-inf"))  # (B, L)
+            logits = logits.masked_scatter(mask, self.mlp(x).squeeze(-1).to(logits.dtype))
+        w = masked_softmax(logits, mask, dim=1)  # (B, L)
+        return (w.unsqueeze(-1) * keys).sum(1), w

@@ -35,6 +35,7 @@ class MINDConfig:
     max_len: int = 50  # L: behaviours fed to the routing (the most recent ones)
     routing_iters: int = 3  # rounds of B2I dynamic routing
     routing_sigma: float = 1.0  # std of the random routing-logit initialisation
+    s_init_std: float = 1.0  # init std of S: large enough that agreement, not the random draw, drives routing
     dynamic_interests: bool = True  # K'_u = max(1, min(K, log2 |history|)); False keeps all K
     profile_dim: int = 16  # embedding size of each profile field
     hidden: int = 256  # width of the first of the two ReLU layers after the capsules
@@ -161,7 +162,7 @@ class MIND(nn.Module):
             for m in self.user_fields.values():
                 m.emb.weight.normal_(0, std, generator=g)
                 m.emb.weight[0] = 0
-            nn.init.xavier_uniform_(self.S, generator=g)
+            self.S.normal_(0, self.config.s_init_std, generator=g)
 
     # ------------------------------------------------------------------ items
 

@@ -20,6 +20,7 @@ import torch
 from index.faiss_index import build_index
 from retrieval.bundle import config_dict, save_bundle
 from retrieval.data import Dataset, DataSpec, Split
+from retrieval.errors import DataError
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import MIND, MINDConfig, log_expected_counts
 from retrieval.progress import progress_bar
@@ -92,7 +93,7 @@ def train(
 
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
-        raise ValueError("no training windows: every training user has a single behaviour")
+        raise DataError("no training windows: every training user has a single behaviour")
     freq = torch.from_numpy(np.bincount(ds.items[np.isin(np.repeat(np.arange(ds.n_users), ds.lengths()), split.train_users)], minlength=ds.n_items + 1))
     q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
     gen = torch.Generator().manual_seed(config.seed)

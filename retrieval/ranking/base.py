@@ -1,0 +1,67 @@
+"""Base model (Embedding & MLP) of DIN: Zhou et al., "Deep Interest Network for Click-Through
+Rate Prediction", KDD 2018 (arXiv:1706.06978), section 4.2 and Fig. 2 (left).
+
+Every behaviour is embedded like an item (id ⊕ side features), the history is sum-pooled
+into one fixed-length vector whatever the candidate, and
+
+    logit = MLP([Σ_l e_l ⊕ e_candidate ⊕ profile])
+
+with the MLP's activation `config.act` (the paper: PReLU, Dice in its ablation). This is the
+baseline DIN improves on: the user vector does not depend on the candidate.
+
+loss = BCE-with-logits + config.l2 × DIN's mini-batch-aware L2 (section 5.1) on the item
+tables (rows of the items and feature values in the batch, each over its training frequency,
+see `set_frequencies`).
+
+Shapes: B batch, L history length, D = dim * (1 + F) item representation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval.layers import act_mlp
+from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+
+
+class EmbeddingMLP(nn.Module):
+    """DIN's Base model: sum-pooled history ⊕ candidate ⊕ profile -> MLP -> one logit."""
+
+    def __init__(self, config: RankerConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemEncoder(config, item_features)
+        self.profile = ProfileEncoder(config)
+        D = self.items.out_dim
+        self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
+        (field -> (vocabulary,); derived from item_counts when None), the n_j of the MBA L2."""
+        self.items.set_frequencies(item_counts, feature_counts)
+
+    def score(self, batch: RankBatch) -> Tensor:
+        """Click logits (B,)."""
+        history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
+        e = self.items(history)  # (B, L, D), zero on padding
+        pooled = e.sum(1)  # (B, D)
+        cand = self.items(batch.candidate)  # (B, D)
+        parts = [pooled, cand]
+        if self.profile.out_dim:
+            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+
+    def losses(self, batch: RankBatch) -> dict[str, Tensor]:
+        """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2."""
+        if batch.label is None:
+            raise ValueError("batch.label is None: the loss needs click labels")
+        bce = F.binary_cross_entropy_with_logits(self.score(batch), batch.label.float())
+        ids = torch.cat([batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate])
+        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
+        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
+
+    def loss(self, batch: RankBatch) -> Tensor:
+        """Training loss ()."""
+        return self.losses(batch)["total"]

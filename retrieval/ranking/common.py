@@ -1,0 +1,149 @@
+"""What every ranker shares: the batch, the item and profile encoders, the MBA regulariser.
+
+A ranker scores (history, candidate) pairs: `score(batch) -> (B,)` logits and
+`loss(batch) -> ()`. Item representations concatenate the id embedding with the pooled
+side-feature embeddings (DIN's goods_id ⊕ cate_id), so D_item = dim * (1 + F).
+
+Shapes: B batch, L history length, D dimension, S sessions, T items per session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from retrieval.layers import PooledEmbedding
+
+
+@dataclass
+class RankBatch:
+    """Model input for the rankers; tensors on one device."""
+
+    history: Tensor  # (B, L) int64 item indices, left-aligned (oldest first), 0-padded
+    mask: Tensor  # (B, L) bool, True on real behaviours
+    candidate: Tensor  # (B,) int64 item to score
+    user_features: dict[str, Tensor]  # field -> (B, M) int64 value ids, 0-padded
+    label: Tensor | None = None  # (B,) float 1 = clicked, 0 = not (training)
+    neg_history: Tensor | None = None  # (B, L) int64 sampled non-clicked items beside each behaviour (aux losses)
+    sessions: Tensor | None = None  # (B, S, T) int64 item indices per session (DSIN), 0-padded
+    session_mask: Tensor | None = None  # (B, S, T) bool
+
+
+@dataclass
+class RankerConfig:
+    """Settings every ranker shares; each model extends it with its own fields."""
+
+    n_items: int  # N: item indices 1..N, 0 is padding
+    item_feature_sizes: dict[str, int] = field(default_factory=dict)  # item field -> vocabulary size
+    user_feature_sizes: dict[str, int] = field(default_factory=dict)  # profile field -> vocabulary size
+    dim: int = 16  # embedding size of each field (id, each item feature, each profile field)
+    max_len: int = 50  # L: behaviours fed to the model (the most recent ones)
+    hidden: tuple[int, ...] = (200, 80)  # final MLP widths
+    act: str = "dice"  # activation of the MLPs: dice, prelu or relu
+    l2: float = 0.0  # mini-batch-aware L2 strength on the embeddings (0 = off)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ItemEncoder(nn.Module):
+    """Item id embedding ⊕ pooled side-feature embeddings -> (..., dim * (1 + F))."""
+
+    def __init__(self, config: RankerConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        c = config
+        self.id = nn.Embedding(c.n_items + 1, c.dim, padding_idx=0)
+        self.fields = nn.ModuleDict({f: PooledEmbedding(n, c.dim) for f, n in c.item_feature_sizes.items()})
+        for f in c.item_feature_sizes:
+            table = item_features[f] if item_features else torch.zeros(c.n_items + 1, 1, dtype=torch.long)
+            self.register_buffer(f"feat_{f}", table.long())
+        self.out_dim = c.dim * (1 + len(c.item_feature_sizes))
+        for emb in [self.id, *(m.emb for m in self.fields.values())]:
+            nn.init.normal_(emb.weight, 0, 0.05)
+            with torch.no_grad():
+                emb.weight[0] = 0
+        # training frequency of every row of every table, for `mba_l2`; ones until `set_frequencies`
+        self.register_buffer("count_id", torch.ones(c.n_items + 1))
+        for f, n in c.item_feature_sizes.items():
+            self.register_buffer(f"count_{f}", torch.ones(n))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]
+        return torch.cat(parts, dim=-1) * (ids != 0).unsqueeze(-1)
+
+    def embedding_rows(self, ids: Tensor) -> list[tuple[nn.Embedding, Tensor]]:
+        """(table, row ids) pairs that `ids` touches, for the mini-batch-aware regulariser."""
+        rows = [(self.id, ids.reshape(-1))]
+        for f, m in self.fields.items():
+            rows.append((m.emb, getattr(self, f"feat_{f}")[ids].reshape(-1)))
+        return rows
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Store the training frequency n_j of every embedding row, the 1/n_j of `mba_l2`.
+
+        item_counts (N+1,): occurrences of each item id in the training data (index 0 ignored).
+        feature_counts: item field -> (vocabulary size,) occurrences of each value; None derives
+        them from item_counts and the item feature tables (`feature_frequencies`)."""
+        if item_counts.shape != self.count_id.shape:
+            raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}; expected {tuple(self.count_id.shape)}")
+        if feature_counts is None:
+            tables = {f: getattr(self, f"feat_{f}") for f in self.fields}
+            sizes = {f: len(getattr(self, f"count_{f}")) for f in self.fields}
+            feature_counts = feature_frequencies(item_counts, tables, sizes)
+        for f in self.fields:
+            counts = getattr(self, f"count_{f}")
+            if f not in feature_counts or feature_counts[f].shape != counts.shape:
+                got = tuple(feature_counts[f].shape) if f in feature_counts else "nothing"
+                raise ValueError(f"feature_counts[{f!r}]: got {got}; expected shape {tuple(counts.shape)}")
+            counts.copy_(feature_counts[f])
+        self.count_id.copy_(item_counts)
+
+    def mba_l2(self, ids: Tensor) -> Tensor:
+        """Mini-batch-aware L2 (DIN section 5.1) over the item tables: Σ_tables mba_l2(table, rows that
+        `ids` touches, the table's frequencies). ids: any shape of item indices, 0 = padding."""
+        counts = [self.count_id] + [getattr(self, f"count_{f}") for f in self.fields]
+        return sum(mba_l2(table.weight, rows, n) for (table, rows), n in zip(self.embedding_rows(ids), counts))
+
+
+class ProfileEncoder(nn.Module):
+    """Concatenated profile-field embeddings -> (B, dim * F_user); (B, 0) without a profile."""
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        self.fields = nn.ModuleDict({f: PooledEmbedding(n, config.dim) for f, n in config.user_feature_sizes.items()})
+        self.out_dim = config.dim * len(config.user_feature_sizes)
+
+    def forward(self, user_features: dict[str, Tensor], batch: int) -> Tensor:
+        if not self.fields:
+            return torch.zeros(batch, 0)
+        return torch.cat([m(user_features[f]) for f, m in self.fields.items()], dim=-1)
+
+
+def feature_frequencies(
+    item_counts: Tensor, item_features: dict[str, Tensor], sizes: dict[str, int] | None = None
+) -> dict[str, Tensor]:
+    """Training frequency of every value of every item feature: n_v = Σ_i item_counts[i] × (times
+    v occurs in item i's row). item_counts (N+1,); item_features: field -> (N+1, M) value ids,
+    0-padded; sizes: field -> vocabulary size (default: largest id + 1). Returns field ->
+    (size,) float counts; the padding value 0 counts 0."""
+    out = {}
+    for f, table in item_features.items():
+        table = table.long()
+        size = sizes[f] if sizes else int(table.max()) + 1
+        per_slot = item_counts.to(table.device, torch.float).unsqueeze(1).expand(table.shape)  # (N+1, M)
+        n = torch.zeros(size, device=table.device).index_add_(0, table.reshape(-1), per_slot.reshape(-1))
+        n[0] = 0
+        out[f] = n
+    return out
+
+
+def mba_l2(weight: Tensor, ids: Tensor, counts: Tensor) -> Tensor:
+    """Mini-batch-aware L2 (DIN, eq. 4) for one embedding table: Σ over the rows j that occur
+    in the batch of ||w_j||² / n_j, n_j = the training frequency of id j (`counts`, (rows,)).
+    Rows not in the batch, and the padding row 0, are never penalised."""
+    uniq = torch.unique(ids)
+    uniq = uniq[uniq != 0]
+    n = counts[uniq].clamp(min=1).to(weight.dtype)
+    return (weight[uniq].pow(2).sum(-1) / n).sum()

@@ -1,0 +1,130 @@
+"""Ranking data: (history, candidate, label) samples from the retrieval split, gathered per batch.
+
+Training: for each train user and position t >= 1 a positive (history = previous <= L
+behaviours, candidate = item t) and sampled negatives: items the user never touched
+(`uniform`), or items from the retrieval stage's own top-M candidates for that user
+(`retrieval`, hard negatives: in production the ranker only sees retrieval's output).
+
+Evaluation follows the protocol: each held-out ground-truth item is a positive paired
+with one negative drawn uniformly from the items the user never touched
+(`default_rng(2026)`), scored with the last L items of the user's history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retrieval.data import Dataset, Split
+from retrieval.ranking.common import RankBatch
+from retrieval.samples import gather_histories
+
+
+class TouchedItems:
+    """Membership test "has user u ever touched item i" over the whole log, vectorised."""
+
+    def __init__(self, ds: Dataset):
+        self.width = ds.n_items + 1
+        users = np.repeat(np.arange(ds.n_users, dtype=np.int64), ds.lengths())
+        self.keys = np.sort(users * self.width + ds.items.astype(np.int64))
+        self.n_items = ds.n_items
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users.astype(np.int64) * self.width + items.astype(np.int64)
+        pos = np.searchsorted(self.keys, keys)
+        pos = np.minimum(pos, len(self.keys) - 1)
+        return self.keys[pos] == keys
+
+    def sample(self, users: np.ndarray, rng: np.random.Generator, shape: tuple[int, ...] = ()) -> np.ndarray:
+        """Items drawn uniformly from 1..N that each user never touched; output (len(users), *shape)."""
+        users = np.broadcast_to(users.reshape(users.shape + (1,) * len(shape)), users.shape + shape)
+        out = rng.integers(1, self.n_items + 1, size=users.shape)
+        bad = self.contains(users, out)
+        while bad.any():  # rejection: users touch a small share of items
+            out[bad] = rng.integers(1, self.n_items + 1, size=int(bad.sum()))
+            bad[bad] = self.contains(users[bad], out[bad])
+        return out
+
+
+@dataclass
+class SessionSpec:
+    """Session division for DSIN-style rankers (None where the model needs no sessions)."""
+
+    sessions: int  # S: most recent sessions kept
+    per_session: int  # T: most recent behaviours kept per session
+    gap: int = 1800  # seconds between behaviours that start a new session
+
+
+def make_rank_batch(
+    ds: Dataset,
+    touched: TouchedItems,
+    users: np.ndarray,
+    ends: np.ndarray,
+    candidates: np.ndarray,
+    labels: np.ndarray | None,
+    max_len: int,
+    rng: np.random.Generator | None = None,
+    neg_history: bool = False,
+    sessions: SessionSpec | None = None,
+) -> RankBatch:
+    """A ranker batch: history before position ends[b] of users[b], scored against candidates[b]."""
+    hist, mask = gather_histories(ds, users, ends, max_len)
+    feats = {f: torch.from_numpy(m[users].astype(np.int64)) for f, m in ds.user_features.items()}
+    batch = RankBatch(
+        history=torch.from_numpy(hist),
+        mask=torch.from_numpy(mask),
+        candidate=torch.from_numpy(candidates.astype(np.int64)),
+        user_features=feats,
+        label=None if labels is None else torch.from_numpy(labels.astype(np.float32)),
+    )
+    if neg_history:
+        assert rng is not None, "negative histories need a random generator"
+        neg = touched.sample(users, rng, (hist.shape[1],)) * mask
+        batch.neg_history = torch.from_numpy(neg.astype(np.int64))
+    if sessions is not None:
+        from retrieval.ranking.sessions import divide_sessions
+
+        s_items, s_mask = divide_sessions(
+            ds.items, ds.times, ds.offsets[users], ends, sessions.gap, sessions.sessions, sessions.per_session
+        )
+        batch.sessions = torch.from_numpy(s_items.astype(np.int64))
+        batch.session_mask = torch.from_numpy(s_mask)
+    return batch
+
+
+@dataclass
+class PairSet:
+    """Flat (user, history end, candidate, label) rows."""
+
+    users: np.ndarray  # (R,) int64
+    ends: np.ndarray  # (R,) int64 history = sequence[:end] (its last L)
+    candidates: np.ndarray  # (R,) int64
+    labels: np.ndarray  # (R,) float32
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, idx: np.ndarray) -> "PairSet":
+        return PairSet(self.users[idx], self.ends[idx], self.candidates[idx], self.labels[idx])
+
+
+def protocol_pairs(ds: Dataset, split: Split, part: str, seed: int = 2026) -> PairSet:
+    """The protocol's standalone ranking set: each ground-truth item of each held-out user is
+    a positive, paired with one negative drawn uniformly from items the user never touched."""
+    users = split.users(part)
+    users = users[split.history_len[users] < ds.lengths()[users]]
+    ends = split.history_len[users]
+    n_truth = ds.lengths()[users] - ends
+    pos_users = np.repeat(users, n_truth)
+    pos_ends = np.repeat(ends, n_truth)
+    starts = ds.offsets[users] + ends
+    pos_items = ds.items[np.concatenate([np.arange(s, s + n) for s, n in zip(starts, n_truth)])].astype(np.int64)
+    neg_items = TouchedItems(ds).sample(pos_users, np.random.default_rng(seed))
+    return PairSet(
+        users=np.concatenate([pos_users, pos_users]),
+        ends=np.concatenate([pos_ends, pos_ends]),
+        candidates=np.concatenate([pos_items, neg_items]),
+        labels=np.concatenate([np.ones(len(pos_users)), np.zeros(len(pos_users))]).astype(np.float32),
+    )

@@ -1,0 +1,95 @@
+"""DIN: Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018
+(arXiv:1706.06978).
+
+The user's interest is pooled from the behaviours with weights that depend on the candidate
+(section 4.3, eq. 3, Fig. 2 right):
+
+    v_U(A) = Σ_l a(e_l, v_A) e_l,   a = MLP([e_l, v_A, e_l - v_A, e_l ⊙ v_A]) -> 1
+
+The local activation unit's weights are NOT softmax-normalised: "normalization with softmax
+on the output of a(·) is abandoned ... to reserve the intensity of user interests", so a
+user who clicked many related items gets a larger interest vector. Padded behaviours weigh
+exactly 0. Then
+
+    logit = MLP([v_U(A) ⊕ v_A ⊕ profile])
+
+with Dice (section 5.2) or PReLU activations in the final MLP (`config.act`) and in the
+activation unit (`config.att_act`; Fig. 2 draws PReLU/Dice there, the authors' code uses
+sigmoid, also accepted).
+
+Training: loss = BCE-with-logits + config.l2 × the mini-batch-aware L2 (section 5.1),
+Σ over the item tables and the rows j that occur in the batch (history and candidate items,
+and their feature values) of ||w_j||² / n_j, n_j = the row's training frequency. Give the
+frequencies with `set_frequencies` before training with l2 > 0 (all 1 until then: plain L2
+on the rows in the batch).
+
+Shapes: B batch, L history length, D = dim * (1 + F) item representation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval.layers import ActivationUnit, act_mlp
+from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+
+
+@dataclass
+class DINConfig(RankerConfig):
+    """RankerConfig plus the local activation unit."""
+
+    att_hidden: tuple[int, ...] = (80, 40)  # activation-unit MLP widths (the authors' code: 80, 40)
+    att_act: str = "dice"  # activation inside the activation unit: dice, prelu, relu or sigmoid
+
+
+class DIN(nn.Module):
+    """Deep Interest Network: candidate-activated sum of behaviours -> MLP -> one logit."""
+
+    def __init__(self, config: DINConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemEncoder(config, item_features)
+        self.profile = ProfileEncoder(config)
+        D = self.items.out_dim
+        self.attention = ActivationUnit(D, config.att_hidden, config.att_act)
+        self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
+        (field -> (vocabulary,); derived from item_counts and the feature tables when None):
+        the n_j of the mini-batch-aware L2. Stored as buffers of `self.items`."""
+        self.items.set_frequencies(item_counts, feature_counts)
+
+    def interest(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Candidate-activated interest (B, D), activation weights (B, L) (0 on padding, not
+        normalised), candidate representation (B, D)."""
+        history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
+        e = self.items(history)  # (B, L, D), zero on padding
+        cand = self.items(batch.candidate)  # (B, D)
+        pooled, w = self.attention(e, cand, batch.mask)  # (B, D), (B, L)
+        return pooled, w, cand
+
+    def score(self, batch: RankBatch) -> Tensor:
+        """Click logits (B,)."""
+        pooled, _, cand = self.interest(batch)
+        parts = [pooled, cand]
+        if self.profile.out_dim:
+            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+
+    def losses(self, batch: RankBatch) -> dict[str, Tensor]:
+        """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
+        if batch.label is None:
+            raise ValueError("batch.label is None: the loss needs click labels")
+        bce = F.binary_cross_entropy_with_logits(self.score(batch), batch.label.float())
+        ids = torch.cat([batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate])
+        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
+        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
+
+    def loss(self, batch: RankBatch) -> Tensor:
+        """Training loss ()."""
+        return self.losses(batch)["total"]

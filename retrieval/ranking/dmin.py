@@ -1,0 +1,246 @@
+"""DMIN: Xiao, Yang, Jiang, Wei, Hu, Wang, "Deep Multi-Interest Network for Click-through Rate
+Prediction", CIKM 2020 (doi:10.1145/3340531.3412092); reference implementation
+github.com/mengxiaozhibo/DMIN (TensorFlow, on the DIEN code base).
+
+1. Behaviour Refiner Layer: H_R-head self-attention over the behaviour embeddings e_1..e_L
+   gives refined behaviours z_1..z_L. As in the reference code: Q, K, V projections,
+   scaled dot-product attention, output projection, residual + LayerNorm, then a
+   position-wise FFN (D -> 2D ReLU -> D) with a residual (no second LayerNorm).
+2. Auxiliary loss (DIEN's, applied by the paper to the refiner): z_t must tell the next clicked
+   behaviour e_{t+1} from a sampled non-clicked item ê_{t+1} (batch.neg_history):
+       L_aux = mean over t with behaviours t and t+1 both real of
+               -[log σ(z_t · e_{t+1}) + log(1 - σ(z_t · ê_{t+1}))].
+   z_t lives in the item space (D), so no projection is needed.
+3. Multi-Interest Extractor Layer: H_E-head self-attention over z; each head h keeps its
+   own output (no merging): per head an output projection d_h -> D, residual with z +
+   LayerNorm, and an FFN with residual give I_h (B, L, D). One DIN-style attention unit per
+   head against the candidate x_t with a learnable position encoding p_j gives one interest
+       interest_h = Σ_j w_hj I_hj,   w_hj from MLP([q_j, I_hj, q_j - I_hj, q_j ⊙ I_hj]),
+       q_j = W_h [x_t ⊕ p_j].
+4. logit = MLP([interest_1 ⊕ .. ⊕ interest_{H_E} ⊕ x_t ⊕ profile]) (Dice by default).
+   loss = BCE + aux_weight × L_aux (+ l2 × DIN's mini-batch-aware L2, as in din.py).
+
+Choices where the short paper is ambiguous, each the reference implementation's:
+- Both self-attentions are causal (position t attends to behaviours ≤ t; the code's
+  lower-triangular key mask). This matters: without it z_t could read e_{t+1} and the
+  auxiliary loss would be solved by copying. Keys that are padding are masked too, and each
+  position may always attend to itself, so padded or all-padding rows give finite values
+  that never reach a real position.
+- The position encoding is concatenated to the candidate and projected to D before the
+  attention unit (din_attention_new: dense([query ⊕ position])), so the values pooled are
+  the head outputs alone. p_j indexes the j-th oldest behaviour (histories are
+  left-aligned, oldest first, as in the reference data).
+- The unit's weights are softmax-normalised over real behaviours (`att_norm="softmax"`,
+  the code's default); `att_norm="none"` keeps DIN's unnormalised weights. The unit's
+  hidden activation is sigmoid (80-40), as in the code.
+- The aux loss uses the inner product (DIEN paper; the DIEN code uses a small MLP) and is
+  averaged over valid positions (the code averages over all, padding counted as 0).
+- The final MLP input is interests ⊕ target ⊕ profile; the reference code also feeds
+  DIEN's sum-pooled history and its product with the target, left out here.
+
+Shapes: B batch, L history length, D = dim * (1 + F) item representation, H heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval.layers import ActivationUnit, act_mlp, masked_softmax
+from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+
+
+@dataclass
+class DMINConfig(RankerConfig):
+    """RankerConfig plus the refiner, the extractor and the auxiliary loss."""
+
+    refiner_heads: int = 2  # H_R: heads of the behaviour refiner's self-attention (must divide D)
+    extractor_heads: int = 4  # H_E: heads of the extractor = number of interests (must divide D)
+    aux_weight: float = 1.0  # weight of the auxiliary next-behaviour loss (0 = off; then neg_history is not read)
+    position: bool = True  # learnable position encoding (size D) in every extractor attention unit
+    att_hidden: tuple[int, ...] = (80, 40)  # attention-unit MLP widths (the reference code: 80, 40)
+    att_act: str = "sigmoid"  # attention-unit activation: sigmoid (reference code), dice, prelu or relu
+    att_norm: Literal["softmax", "none"] = "softmax"  # softmax over real behaviours (reference code) or DIN's raw
+
+
+def attention_mask(mask: Tensor) -> Tensor:
+    """(B, L) real behaviours -> (B, L, L): True where query i may attend to key j, i.e. j ≤ i
+    and j real, or j = i (so no row of the attention is empty)."""
+    L = mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()  # (L, L)
+    eye = torch.eye(L, dtype=torch.bool, device=mask.device)  # (L, L)
+    return (causal & mask.unsqueeze(1)) | eye  # (B, L, L)
+
+
+def multi_head_attention(x: Tensor, qkv: nn.Linear, heads: int, allowed: Tensor) -> Tensor:
+    """Scaled dot-product self-attention per head: x (B, L, D), qkv D -> 3D, allowed (B, L, L)
+    -> (B, H, L, D/H), the heads not merged."""
+    B, L, D = x.shape
+    q, k, v = qkv(x).view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, L, D/H)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))  # (B, H, L, D/H)
+
+
+def auxiliary_loss(states: Tensor, clicked: Tensor, sampled: Tensor, mask: Tensor) -> Tensor:
+    """DIEN's auxiliary loss: states (B, L, D) z_t; clicked, sampled (B, L, D) embeddings of the
+    behaviour and of the sampled non-clicked item at each position; mask (B, L).
+
+    -[log σ(z_t · e_{t+1}) + log(1 - σ(z_t · ê_{t+1}))] averaged over the t where behaviours t
+    and t + 1 are both real; 0 when there is no such t. -> ()"""
+    z = states[:, :-1]  # (B, L-1, D)
+    valid = mask[:, :-1] & mask[:, 1:]  # (B, L-1)
+    pos = (z * clicked[:, 1:]).sum(-1)  # (B, L-1)
+    neg = (z * sampled[:, 1:]).sum(-1)  # (B, L-1)
+    per = -(F.logsigmoid(pos) + F.logsigmoid(-neg))  # (B, L-1)
+    return per.masked_fill(~valid, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+class BehaviourRefiner(nn.Module):
+    """z = A + FFN(A), A = LayerNorm(e + W_O [head_1 ⊕ .. ⊕ head_H]) (causal, padding-masked)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, e: Tensor, allowed: Tensor) -> Tensor:
+        """e (B, L, D), allowed (B, L, L) -> z (B, L, D)."""
+        B, L, D = e.shape
+        h = multi_head_attention(e, self.qkv, self.heads, allowed)  # (B, H_R, L, D/H_R)
+        h = h.transpose(1, 2).reshape(B, L, D)  # (B, L, D) heads concatenated
+        a = self.norm(e + self.out(h))  # (B, L, D)
+        return a + self.ffn(a)  # (B, L, D)
+
+
+class InterestHead(nn.Module):
+    """One extractor head after its attention: I = LayerNorm(z + W head), I += FFN(I), then the
+    head's attention unit against W_q [candidate ⊕ position] pools I into one interest."""
+
+    def __init__(self, head_dim: int, dim: int, pos_dim: int, config: DMINConfig):
+        super().__init__()
+        self.out = nn.Linear(head_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.query = nn.Linear(dim + pos_dim, dim)
+        self.unit = ActivationUnit(dim, config.att_hidden, config.att_act)
+        self.att_norm = config.att_norm
+
+    def forward(self, head: Tensor, z: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """head (B, L, D/H), z (B, L, D), query (B, L, D + P) candidate ⊕ position, mask (B, L)
+        -> interest (B, D), weights (B, L) (0 on padding)."""
+        i = self.norm(z + self.out(head))  # (B, L, D)
+        i = (i + self.ffn(i)) * mask.unsqueeze(-1)  # (B, L, D), zero on padding
+        interest, w = self.unit(i, self.query(query), mask)  # (B, D), (B, L)
+        if self.att_norm == "softmax":
+            w = masked_softmax(w, mask, dim=1)  # (B, L)
+            interest = (w.unsqueeze(-1) * i).sum(1)  # (B, D)
+        return interest, w
+
+
+class MultiInterestExtractor(nn.Module):
+    """H_E-head causal self-attention over z; each head -> `InterestHead` -> one interest."""
+
+    def __init__(self, dim: int, config: DMINConfig):
+        super().__init__()
+        H = config.extractor_heads
+        self.n_heads = H
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.position = nn.Embedding(config.max_len, dim) if config.position else None
+        pos_dim = dim if config.position else 0
+        self.heads = nn.ModuleList([InterestHead(dim // H, dim, pos_dim, config) for _ in range(H)])
+
+    def forward(self, z: Tensor, cand: Tensor, mask: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, L, D), cand (B, D), mask (B, L), allowed (B, L, L) -> interests (B, H_E, D),
+        weights (B, H_E, L)."""
+        B, L, D = z.shape
+        h = multi_head_attention(z, self.qkv, self.n_heads, allowed)  # (B, H_E, L, D/H_E)
+        query = [cand.unsqueeze(1).expand(B, L, D)]  # (B, L, D)
+        if self.position is not None:
+            query.append(self.position.weight[:L].unsqueeze(0).expand(B, L, D))  # (B, L, D)
+        query = torch.cat(query, dim=-1)  # (B, L, D + P)
+        out = [head(h[:, k], z, query, mask) for k, head in enumerate(self.heads)]  # H_E heads
+        return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
+
+
+class DMIN(nn.Module):
+    """Deep Multi-Interest Network: refiner (+ aux loss) -> H_E interests -> MLP -> one logit."""
+
+    def __init__(self, config: DMINConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemEncoder(config, item_features)
+        self.profile = ProfileEncoder(config)
+        D = self.items.out_dim
+        for name, heads in [("refiner_heads", config.refiner_heads), ("extractor_heads", config.extractor_heads)]:
+            if heads < 1 or D % heads:
+                raise ValueError(f"{name}={heads} must divide the item representation size D={D}")
+        if config.att_norm not in ("softmax", "none"):
+            raise ValueError(f"att_norm={config.att_norm!r}; use softmax or none")
+        self.refiner = BehaviourRefiner(D, config.refiner_heads)
+        self.extractor = MultiInterestExtractor(D, config)
+        self.mlp = act_mlp((config.extractor_heads + 1) * D + self.profile.out_dim, config.hidden, config.act)
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
+        (field -> (vocabulary,); derived from item_counts when None): the n_j of the MBA L2."""
+        self.items.set_frequencies(item_counts, feature_counts)
+
+    def _refine(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D), attention mask (B, L, L)."""
+        L = batch.history.shape[1]
+        if self.extractor.position is not None and L > self.config.max_len:
+            raise ValueError(f"history length {L} exceeds max_len={self.config.max_len} (position table)")
+        history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
+        allowed = attention_mask(batch.mask)  # (B, L, L)
+        e = self.items(history)  # (B, L, D), zero on padding
+        return e, self.refiner(e, allowed), allowed
+
+    def _logit(self, batch: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
+        cand = self.items(batch.candidate)  # (B, D)
+        interests, _ = self.extractor(z, cand, batch.mask, allowed)  # (B, H_E, D)
+        parts = [interests.flatten(1), cand]  # (B, H_E * D), (B, D)
+        if self.profile.out_dim:
+            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+
+    def refine(self, batch: RankBatch) -> Tensor:
+        """Refined behaviours z (B, L, D) (values at padded positions are meaningless)."""
+        return self._refine(batch)[1]
+
+    def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
+        """The H_E candidate-activated interests (B, H_E, D) and their weights (B, H_E, L)."""
+        _, z, allowed = self._refine(batch)
+        return self.extractor(z, self.items(batch.candidate), batch.mask, allowed)
+
+    def score(self, batch: RankBatch) -> Tensor:
+        """Click logits (B,)."""
+        _, z, allowed = self._refine(batch)
+        return self._logit(batch, z, allowed)
+
+    def losses(self, batch: RankBatch) -> dict[str, Tensor]:
+        """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2."""
+        c = self.config
+        if batch.label is None:
+            raise ValueError("batch.label is None: the loss needs click labels")
+        e, z, allowed = self._refine(batch)
+        bce = F.binary_cross_entropy_with_logits(self._logit(batch, z, allowed), batch.label.float())
+        ids = [batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate]
+        aux = bce.new_zeros(())
+        if c.aux_weight:
+            if batch.neg_history is None:
+                raise ValueError("batch.neg_history is None: DMIN's auxiliary loss needs sampled negatives")
+            negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
+            aux = auxiliary_loss(z, e, self.items(negatives), batch.mask)
+            ids.append(negatives.reshape(-1))
+        l2 = self.items.mba_l2(torch.cat(ids)) if c.l2 else bce.new_zeros(())
+        return {"total": bce + c.aux_weight * aux + c.l2 * l2, "bce": bce, "aux": aux, "l2": l2}
+
+    def loss(self, batch: RankBatch) -> Tensor:
+        """Training loss ()."""
+        return self.losses(batch)["total"]

@@ -1,0 +1,183 @@
+"""DSIN: Deep Session Interest Network for Click-Through Rate Prediction
+(Feng et al., IJCAI 2019, arXiv:1905.06482).
+
+1. Session division (section 4.1, `sessions.divide_sessions`): the history is cut at gaps
+   of more than 30 minutes; the last S sessions of at most T behaviours arrive as
+   batch.sessions (B, S, T) with batch.session_mask.
+2. Bias encoding (eq. 2): BE(k, t, c) = w^K_k + w^T_t + w^C_c for session k, position t
+   in the session and embedding unit c; a learnable (S, T, D) tensor built from three
+   vectors, added to the session embeddings: Q = E + BE.
+3. Session interest extractor (eqs. 3-5): one transformer layer shared by all sessions,
+   multi-head self-attention (H heads, keys restricted to the session's real behaviours)
+   then a position-wise feed-forward network, each with a residual connection and layer
+   normalisation (Vaswani et al.'s post-norm layer); the outputs are averaged over the
+   session's real behaviours: I_k (B, S, D). An empty session gives I_k = 0, never NaN.
+4. Session interest interacting layer (eq. 6): a bidirectional LSTM over the non-empty
+   sessions, oldest to newest (packed, so empty sessions never move it):
+   H_k = →h_k ⊕ ←h_k (B, S, 2·hidden).
+5. Session interest activating layer (eqs. 7-10): two softmax attentions against the
+   candidate X^I, a^I_k ∝ exp(I_k W^I X^I) over the session interests and
+   a^H_k ∝ exp(H_k W^H X^I) over the LSTM states; empty sessions weigh exactly zero.
+   U^I = Σ_k a^I_k I_k, U^H = Σ_k a^H_k H_k.
+6. U^I ⊕ U^H ⊕ candidate ⊕ profile -> MLP -> logit; loss = BCE-with-logits (+ l2 × DIN's
+   mini-batch-aware L2 on the item tables, off by default; see `set_frequencies`).
+
+The model reads only the mask, so it accepts any layout of sessions and positions (the
+bias encoding indexes the slots as given; divide_sessions right-aligns the sessions so
+that slot S - 1 is always the newest).
+
+Shapes: B batch, S sessions, T items per session, D item size (D_item), H heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from retrieval.layers import TargetAttention, masked_softmax, act_mlp
+from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.sessions import DEFAULT_GAP
+
+
+@dataclass
+class DSINConfig(RankerConfig):
+    sessions: int = 5  # S: most recent sessions fed to the model
+    session_len: int = 10  # T: most recent behaviours kept per session
+    heads: int = 2  # H: self-attention heads; must divide the item size D_item
+    gap: int = DEFAULT_GAP  # seconds of silence that open a new session (read by the data side)
+    ffn_mult: int = 4  # the transformer feed-forward width is ffn_mult × D_item
+    lstm_hidden: int | None = None  # size of each LSTM direction; None = D_item
+    attention: Literal["bilinear", "mlp"] = "bilinear"  # eqs. 7-9's I_k W X^I, or a DIN-style MLP
+    attention_hidden: tuple[int, ...] = (64, 16)  # widths of the attention MLPs ("mlp" only)
+
+
+class BiasEncoding(nn.Module):
+    """BE(k, t, c) = w^K_k + w^T_t + w^C_c (DSIN eq. 2) -> (S, T, D)."""
+
+    def __init__(self, S: int, T: int, D: int, std: float = 0.05):
+        super().__init__()
+        self.wk = nn.Parameter(torch.randn(S) * std)  # session bias w^K
+        self.wt = nn.Parameter(torch.randn(T) * std)  # position-in-session bias w^T
+        self.wc = nn.Parameter(torch.randn(D) * std)  # embedding-unit bias w^C
+
+    def forward(self) -> Tensor:
+        return self.wk[:, None, None] + self.wt[None, :, None] + self.wc[None, None, :]  # (S, T, D)
+
+
+class SessionTransformer(nn.Module):
+    """One post-norm transformer layer applied to every session independently (DSIN eqs. 3-4).
+
+    Self-attention keys are the session's real behaviours only; an empty session's
+    attention weights are all zero (masked_softmax), so its outputs stay finite.
+    """
+
+    def __init__(self, D: int, heads: int, ffn_mult: int = 4):
+        super().__init__()
+        if D % heads:
+            raise ValueError(f"heads={heads} must divide the item size D_item={D}")
+        self.heads = heads
+        self.qkv = nn.Linear(D, 3 * D)  # W^Q, W^K, W^V of all heads
+        self.out = nn.Linear(D, D)  # W^O
+        self.norm1 = nn.LayerNorm(D)
+        self.ffn = nn.Sequential(nn.Linear(D, ffn_mult * D), nn.ReLU(), nn.Linear(ffn_mult * D, D))
+        self.norm2 = nn.LayerNorm(D)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, S, T, D), mask (B, S, T) -> (B, S, T, D)."""
+        B, S, T, D = x.shape
+        H = self.heads
+        q, k, v = self.qkv(x).view(B, S, T, 3, H, D // H).permute(3, 0, 1, 4, 2, 5)  # each (B, S, H, T, D/H)
+        logits = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (B, S, H, T, T)
+        w = masked_softmax(logits, mask[:, :, None, None, :], dim=-1)  # (B, S, H, T, T)
+        heads = (w @ v).permute(0, 1, 3, 2, 4).reshape(B, S, T, D)  # Concat(head_1..head_H)
+        x = self.norm1(x + self.out(heads))
+        return self.norm2(x + self.ffn(x))
+
+
+class DSIN(nn.Module):
+    """Bias encoding + per-session transformer + Bi-LSTM over sessions + two target attentions + MLP."""
+
+    def __init__(self, config: DSINConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        c = config
+        self.config = c
+        self.items = ItemEncoder(c, item_features)
+        self.profile = ProfileEncoder(c)
+        D = self.items.out_dim
+        Hl = c.lstm_hidden or D
+        self.bias = BiasEncoding(c.sessions, c.session_len, D)
+        self.extractor = SessionTransformer(D, c.heads, c.ffn_mult)
+        self.lstm = nn.LSTM(D, Hl, batch_first=True, bidirectional=True)
+        self.att_interest = TargetAttention(D, D, c.attention, c.attention_hidden, c.act)
+        self.att_lstm = TargetAttention(2 * Hl, D, c.attention, c.attention_hidden, c.act)
+        self.head = act_mlp(D + 2 * Hl + D + self.profile.out_dim, c.hidden, c.act)
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Training frequency of every item (N+1,) and, optionally, of every item-feature value:
+        the n_j of the mini-batch-aware L2 (config.l2 > 0)."""
+        self.items.set_frequencies(item_counts, feature_counts)
+
+    def session_interests(self, sessions: Tensor, mask: Tensor) -> Tensor:
+        """sessions, mask (B, S, T) -> I (B, S, D): the transformer's outputs averaged over
+        each session's real behaviours (0 for an empty session)."""
+        q = self.items(sessions.masked_fill(~mask, 0)) + self.bias()  # (B, S, T, D)
+        out = self.extractor(q, mask)  # (B, S, T, D)
+        m = mask.unsqueeze(-1).to(out.dtype)  # (B, S, T, 1)
+        return (out * m).sum(2) / m.sum(2).clamp(min=1)  # (B, S, D)
+
+    def interact(self, interests: Tensor, present: Tensor) -> Tensor:
+        """Bi-LSTM over the non-empty sessions in slot order: interests (B, S, D),
+        present (B, S) -> H (B, S, 2·hidden), 0 at empty sessions."""
+        # Gather the non-empty sessions to the front (stable: order kept), pack, scatter back.
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)  # (B, S)
+        x = interests.gather(1, order.unsqueeze(-1).expand_as(interests))  # (B, S, D)
+        lengths = present.sum(1).clamp(min=1).cpu()  # a row without sessions runs one masked step
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])  # (B, S, 2Hl)
+        back = torch.argsort(order, dim=1)  # inverse permutation
+        h = h.gather(1, back.unsqueeze(-1).expand_as(h))  # (B, S, 2Hl) in slot order
+        return h * present.unsqueeze(-1)
+
+    def attend(self, batch: RankBatch) -> dict[str, Tensor]:
+        """The layers up to the activating units: interests I (B, S, D), LSTM states H
+        (B, S, 2·hidden), their weights (B, S) and pooled vectors U^I (B, D), U^H (B, 2·hidden)."""
+        sessions, mask = batch.sessions, batch.session_mask
+        if sessions is None or mask is None:
+            raise ValueError("DSIN needs batch.sessions and batch.session_mask (see sessions.divide_sessions)")
+        shape = (self.config.sessions, self.config.session_len)
+        if tuple(sessions.shape[1:]) != shape or sessions.shape != mask.shape:
+            got = f"sessions {tuple(sessions.shape)} / session_mask {tuple(mask.shape)}"
+            raise ValueError(f"{got} must be (B, {shape[0]}, {shape[1]})")
+        cand = self.items(batch.candidate)  # (B, D)
+        present = mask.any(-1)  # (B, S) non-empty sessions
+        I = self.session_interests(sessions, mask)  # (B, S, D)
+        Hk = self.interact(I, present)  # (B, S, 2Hl) the paper's H_k
+        UI, aI = self.att_interest(I, cand, present)  # (B, D), (B, S)
+        UH, aH = self.att_lstm(Hk, cand, present)  # (B, 2Hl), (B, S)
+        return {"cand": cand, "I": I, "H": Hk, "a_I": aI, "a_H": aH, "U_I": UI, "U_H": UH}
+
+    def score(self, batch: RankBatch) -> Tensor:
+        """Click logits (B,)."""
+        z = self.attend(batch)
+        profile = self.profile(batch.user_features, len(z["cand"])).to(z["cand"])  # (B, P)
+        x = torch.cat([z["U_I"], z["U_H"], z["cand"], profile], dim=-1)  # (B, D + 2Hl + D + P)
+        return self.head(x).squeeze(-1)
+
+    def losses(self, batch: RankBatch) -> dict[str, Tensor]:
+        """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
+        if batch.label is None:
+            raise ValueError("batch.label is None: the loss needs click labels")
+        logits = self.score(batch)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
+        ids = torch.cat([batch.sessions.masked_fill(~batch.session_mask, 0).reshape(-1), batch.candidate])
+        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
+        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
+
+    def loss(self, batch: RankBatch) -> Tensor:
+        """Training loss ()."""
+        return self.losses(batch)["total"]

@@ -1,0 +1,73 @@
+"""The rankers by name, with what each needs from the data side. Plain explicit imports."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+
+from retrieval.data import Dataset
+from retrieval.ranking.base import EmbeddingMLP
+from retrieval.ranking.common import RankerConfig
+from retrieval.ranking.data import SessionSpec
+from retrieval.ranking.dien import DIEN, DIENConfig
+from retrieval.ranking.din import DIN, DINConfig
+from retrieval.ranking.dmin import DMIN, DMINConfig
+from retrieval.ranking.dsin import DSIN, DSINConfig
+
+RankerName = Literal["base", "din", "dmin", "dien", "dsin"]
+NAMES: tuple[str, ...] = ("base", "din", "dmin", "dien", "dsin")
+Ranker = Union[EmbeddingMLP, DIN, DMIN, DIEN, DSIN]
+
+_CLASSES: dict[str, tuple[type, type]] = {
+    "base": (EmbeddingMLP, RankerConfig),
+    "din": (DIN, DINConfig),
+    "dmin": (DMIN, DMINConfig),
+    "dien": (DIEN, DIENConfig),
+    "dsin": (DSIN, DSINConfig),
+}
+
+
+@dataclass
+class Needs:
+    max_len: int  # L of the history
+    neg_history: bool  # sampled negatives beside each behaviour (auxiliary losses)
+    sessions: SessionSpec | None  # session division (DSIN)
+
+
+def needs(model: Ranker) -> Needs:
+    c = model.config
+    aux = isinstance(model, (DMIN, DIEN)) and c.aux_weight > 0
+    sessions = SessionSpec(c.sessions, c.session_len, c.gap) if isinstance(model, DSIN) else None
+    return Needs(c.max_len, aux, sessions)
+
+
+def ranker_config(name: str, ds: Dataset, **settings: Any) -> RankerConfig:
+    if name not in _CLASSES:
+        raise ValueError(f"unknown ranker {name!r}; use one of {', '.join(NAMES)}")
+    cls = _CLASSES[name][1]
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(
+        n_items=ds.n_items,
+        item_feature_sizes={f: len(v) for f, v in ds.item_feature_vocab.items()},
+        user_feature_sizes={f: len(v) for f, v in ds.user_feature_vocab.items()},
+        **{k: v for k, v in settings.items() if k in known},
+    )
+
+
+def make_ranker(name: str, config: RankerConfig, ds: Dataset) -> Ranker:
+    feats = {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()}
+    return _CLASSES[name][0](config, feats)
+
+
+def build_ranker(name: str, ds: Dataset, train_users: np.ndarray | None = None, **settings: Any) -> Ranker:
+    """A fresh ranker sized for the dataset; item frequencies (for the MBA regulariser) from train users."""
+    model = make_ranker(name, ranker_config(name, ds, **settings), ds)
+    users = np.arange(ds.n_users) if train_users is None else train_users
+    seqs = np.concatenate([ds.sequence(u) for u in users]) if len(users) else np.zeros(0, np.int64)
+    counts = torch.from_numpy(np.bincount(seqs, minlength=ds.n_items + 1).astype(np.float32))
+    model.set_frequencies(counts)
+    return model
