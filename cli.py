@@ -95,7 +95,7 @@ def train(
     max_len: Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")] = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
     pow: Annotated[float, typer.Option(min=0, help="Label-aware attention power p (0 = mean).")] = 2.0,
-    hard_attention: Annotated[bool, typer.Option(help="Label-aware attention takes the best-matching interest.")] = False,
+    hard_attention: Annotated[bool, typer.Option("--hard-attention/--power-attention", help="Label-aware attention: the best-matching interest (default, best on validation) or softmax(s^p) with --pow.")] = True,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
@@ -253,13 +253,15 @@ def evaluate(
     b = load_bundle(bundle)
     idx = load_index(index, b.fingerprint)[0] if index else None
     k1 = load_bundle(k1_bundle) if k1_bundle else None
+    if ranker is not None:  # a bad ranker fails before the retrieval evaluation, not after it
+        from retrieval.ranking.bundle import load_ranker
+
+        rb = load_ranker(ranker, b)
     report = evaluate_bundles(b, idx, k1, part)
     if ranker is not None:
         from index.faiss_index import build_index
-        from retrieval.ranking.bundle import load_ranker
         from retrieval.ranking.evaluate import evaluate_ranker
 
-        rb = load_ranker(ranker, b)
         index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
         report["ranker"] = {"model": rb.name, "bundle": str(ranker),
                             **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
@@ -335,7 +337,7 @@ def experiment(
     dim: Annotated[int, typer.Option(min=2)] = 64,
     max_len: Annotated[int, typer.Option(min=1)] = 50,
     pow: Annotated[float, typer.Option(min=0)] = 2.0,
-    hard_attention: Annotated[bool, typer.Option()] = False,
+    hard_attention: Annotated[bool, typer.Option("--hard-attention/--power-attention")] = True,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,

@@ -39,7 +39,7 @@ class MINDConfig:
     dynamic_interests: bool = True  # K'_u = max(1, min(K, log2 |history|)); False keeps all K
     profile_dim: int = 16  # embedding size of each profile field
     hidden: int = 256  # width of the first of the two ReLU layers after the capsules
-    attention: Literal["power", "hard"] = "power"  # label-aware attention: softmax(s^p) or argmax
+    attention: Literal["power", "hard"] = "hard"  # label-aware attention: argmax (best on validation) or softmax(s^p)
     pow: float = 2.0  # p of the label-aware attention: 0 = mean of interests, large = near hard
     sparse: bool = True  # sparse embedding gradients: a step costs O(batch), not O(vocabulary)
     seed: int = 0  # seeds the fixed routing initialisation used at inference

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset, Split
+from retrieval.errors import DataError
 from retrieval.ranking.common import RankBatch
 from retrieval.samples import gather_histories
 
@@ -28,8 +29,10 @@ class TouchedItems:
     def __init__(self, ds: Dataset):
         self.width = ds.n_items + 1
         users = np.repeat(np.arange(ds.n_users, dtype=np.int64), ds.lengths())
-        self.keys = np.sort(users * self.width + ds.items.astype(np.int64))
+        self.keys = np.unique(users * self.width + ds.items.astype(np.int64))
         self.n_items = ds.n_items
+        self.user_ids = ds.user_ids
+        self.distinct = np.bincount(self.keys // self.width, minlength=ds.n_users)  # (U,) items each touched
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         keys = users.astype(np.int64) * self.width + items.astype(np.int64)
@@ -39,6 +42,9 @@ class TouchedItems:
 
     def sample(self, users: np.ndarray, rng: np.random.Generator, shape: tuple[int, ...] = ()) -> np.ndarray:
         """Items drawn uniformly from 1..N that each user never touched; output (len(users), *shape)."""
+        full = self.distinct[users] >= self.n_items
+        if full.any():  # rejection sampling would never end
+            raise DataError(f"user {self.user_ids[users[full][0]]} touched every item: no negative to sample")
         users = np.broadcast_to(users.reshape(users.shape + (1,) * len(shape)), users.shape + shape)
         out = rng.integers(1, self.n_items + 1, size=users.shape)
         bad = self.contains(users, out)
@@ -120,7 +126,8 @@ def protocol_pairs(ds: Dataset, split: Split, part: str, seed: int = 2026) -> Pa
     pos_users = np.repeat(users, n_truth)
     pos_ends = np.repeat(ends, n_truth)
     starts = ds.offsets[users] + ends
-    pos_items = ds.items[np.concatenate([np.arange(s, s + n) for s, n in zip(starts, n_truth)])].astype(np.int64)
+    rows = [np.arange(s, s + n) for s, n in zip(starts, n_truth)]
+    pos_items = ds.items[np.concatenate(rows + [np.zeros(0, np.int64)])].astype(np.int64)  # empty without users
     neg_items = TouchedItems(ds).sample(pos_users, np.random.default_rng(seed))
     return PairSet(
         users=np.concatenate([pos_users, pos_users]),

@@ -1,0 +1,538 @@
+"""The ranking stage around the models: sampling, protocol pairs, batches, reranking, and the
+`train-ranker` / `query --rank` / `evaluate --ranker` commands end to end.
+
+Hand-made logs where a value can be worked out; the conftest's SMALL bundle (trained once,
+through the CLI) for everything that needs a real split; rankers trained for one tiny epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import Result
+
+from retrieval.bundle import load_bundle
+from retrieval.data import Dataset, split_users
+from retrieval.errors import DataError
+from retrieval.ranking.base import EmbeddingMLP
+from retrieval.ranking.bundle import load_ranker
+from retrieval.ranking.common import RankerConfig
+from retrieval.ranking.data import PairSet, SessionSpec, TouchedItems, make_rank_batch, protocol_pairs
+from retrieval.ranking.dien import DIEN
+from retrieval.ranking.dmin import DMIN
+from retrieval.ranking.dsin import DSIN
+from retrieval.ranking.evaluate import evaluate_ranker, rerank
+from retrieval.ranking.train import (
+    RankTrainConfig, hard_negatives, pair_metrics, score_pairs, train_ranker, training_pairs,
+)
+
+TINY_RANKER = ("--epochs", "1", "--dim", "8")
+FAST_RANKER = (*TINY_RANKER, "--max-len", "10", "--batch-size", "512")
+USER = "u00003"
+METRICS = [f"{m}@{n}" for n in (20, 50) for m in ("recall", "hit_rate", "ndcg")]
+
+
+def assert_clean_error(result: Result, message: str) -> None:
+    """Exit code 2, exactly `error: message` as the one error line on stderr, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+    assert result.stdout == ""
+
+
+def hand_dataset(seqs: list[list[int]], n_items: int, times: list[list[int]] | None = None) -> Dataset:
+    """A log written out by hand: user u's sequence is seqs[u] (item indices 1..n_items)."""
+    lengths = [len(s) for s in seqs]
+    if times is None:
+        times = [[60 * t for t in range(len(s))] for s in seqs]
+    return Dataset(
+        item_ids=np.array(["<pad>"] + [f"i{i}" for i in range(1, n_items + 1)]),
+        user_ids=np.array([f"u{u}" for u in range(len(seqs))]),
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        items=np.array([i for s in seqs for i in s], dtype=np.int32),
+        times=np.array([t for ts in times for t in ts], dtype=np.int64),
+    )
+
+
+@pytest.fixture(scope="module")
+def small(bundle_k4):
+    """The SMALL retrieval bundle, loaded once: its dataset and split are the ranker's."""
+    return load_bundle(bundle_k4)
+
+
+# ---------------------------------------------------------------------- TouchedItems
+
+HAND = [[1, 2, 3], [3, 4], [2, 2, 6], [5]]  # user 2 repeats item 2
+
+
+def test_touched_contains_exactly_the_log():
+    ds = hand_dataset(HAND, n_items=6)
+    touched = TouchedItems(ds)
+    users, items = np.meshgrid(np.arange(4), np.arange(1, 7), indexing="ij")  # every (user, item) pair
+    got = touched.contains(users.ravel(), items.ravel()).reshape(users.shape)
+    want = np.array([[i in s for i in range(1, 7)] for s in HAND])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_touched_sample_never_returns_a_touched_item_and_covers_the_rest_uniformly():
+    ds = hand_dataset(HAND, n_items=6)
+    touched = TouchedItems(ds)
+    users = np.repeat(np.arange(4), 3000)
+    draws = touched.sample(users, np.random.default_rng(0))
+    assert draws.shape == users.shape and draws.dtype.kind == "i"
+    assert not touched.contains(users, draws).any()
+    for u, seq in enumerate(HAND):
+        free = sorted(set(range(1, 7)) - set(seq))
+        counts = np.bincount(draws[users == u], minlength=7)
+        assert set(np.flatnonzero(counts)) == set(free)
+        share = counts[free] / 3000
+        np.testing.assert_allclose(share, 1 / len(free), atol=0.04)  # several std devs of a fair draw
+
+
+def test_touched_sample_with_a_shape_respects_each_rows_user():
+    ds = hand_dataset(HAND, n_items=6)
+    touched = TouchedItems(ds)
+    users = np.array([0, 1, 2, 3, 0])
+    draws = touched.sample(users, np.random.default_rng(1), (50,))
+    assert draws.shape == (5, 50)
+    for row, u in zip(draws, users):
+        assert not set(row.tolist()) & set(HAND[u])
+
+
+def test_touched_sample_is_deterministic_for_a_seeded_rng():
+    touched = TouchedItems(hand_dataset(HAND, n_items=6))
+    users = np.arange(4).repeat(25)
+    a = touched.sample(users, np.random.default_rng(7))
+    b = touched.sample(users, np.random.default_rng(7))
+    c = touched.sample(users, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_touched_sample_refuses_a_user_who_touched_every_item():
+    ds = hand_dataset([[1, 2, 3], [1]], n_items=3)
+    touched = TouchedItems(ds)
+    assert set(touched.sample(np.array([1]), np.random.default_rng(0), (40,))[0].tolist()) == {2, 3}
+    with pytest.raises(DataError, match="user u0 touched every item"):
+        touched.sample(np.array([1, 0]), np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------- protocol pairs
+
+
+@pytest.mark.parametrize("part", ["validation", "test"])
+def test_protocol_pairs_one_positive_per_truth_item_and_as_many_negatives(small, part):
+    ds, split = small.dataset, small.split
+    pairs = protocol_pairs(ds, split, part)
+    held = split.users(part)
+    assert len(held) > 0 and set(np.unique(pairs.users)) <= set(held.tolist())
+    touched = TouchedItems(ds)
+    n_pos = 0
+    for u in held:
+        seq, end = ds.sequence(u), split.history_len[u]
+        rows = pairs.users == u
+        pos = rows & (pairs.labels == 1)
+        neg = rows & (pairs.labels == 0)
+        assert sorted(pairs.candidates[pos].tolist()) == sorted(seq[end:].tolist())
+        assert neg.sum() == pos.sum() == len(seq) - end
+        assert (pairs.ends[rows] == end).all()
+        assert not touched.contains(pairs.users[neg], pairs.candidates[neg]).any()
+        assert not set(pairs.candidates[neg].tolist()) & set(seq.tolist())
+        n_pos += int(pos.sum())
+    assert len(pairs) == 2 * n_pos
+    assert set(np.unique(pairs.labels).tolist()) == {0.0, 1.0} and pairs.labels.dtype == np.float32
+
+
+def test_protocol_pairs_are_deterministic_with_seed_2026(small):
+    ds, split = small.dataset, small.split
+    a, b = protocol_pairs(ds, split, "test"), protocol_pairs(ds, split, "test")
+    for field in ("users", "ends", "candidates", "labels"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    other = protocol_pairs(ds, split, "test", seed=2027)
+    assert not np.array_equal(a.candidates[a.labels == 0], other.candidates[other.labels == 0])
+    np.testing.assert_array_equal(a.candidates[a.labels == 1], other.candidates[other.labels == 1])
+
+
+def test_protocol_pairs_without_ground_truth_are_empty_and_training_refuses():
+    # 10 users of one behaviour each: held-out users keep that one item as history, no truth
+    ds = hand_dataset([[u % 5 + 1] for u in range(10)], n_items=5)
+    split = split_users(ds, 2026)
+    pairs = protocol_pairs(ds, split, "validation")
+    assert len(pairs) == 0
+    with pytest.raises(DataError, match="no validation users with a ground truth"):
+        train_ranker(ds, split, RankTrainConfig(model="base", epochs=1, dim=4), show_progress=False)
+
+
+# ---------------------------------------------------------------------- training pairs
+
+
+def test_training_pairs_positives_are_every_train_position(small):
+    ds, split = small.dataset, small.split
+    touched = TouchedItems(ds)
+    rows = training_pairs(ds, split, touched, negatives=3, rng=np.random.default_rng(0))
+    pos = rows.labels == 1
+    want = {(int(u), t, int(ds.sequence(u)[t])) for u in split.train_users for t in range(1, ds.lengths()[u])}
+    got = list(zip(rows.users[pos].tolist(), rows.ends[pos].tolist(), rows.candidates[pos].tolist()))
+    assert len(got) == len(want) and set(got) == want
+    held = np.concatenate([split.val_users, split.test_users])
+    assert not np.isin(rows.users, held).any()  # no held-out user, not even their history
+    # three negatives per positive, each with the positive's user and history end
+    assert (~pos).sum() == 3 * pos.sum()
+    neg_keys = sorted(zip(rows.users[~pos].tolist(), rows.ends[~pos].tolist()))
+    assert neg_keys == sorted([(u, t) for u, t, _ in got for _ in range(3)])
+    assert not touched.contains(rows.users[~pos], rows.candidates[~pos]).any()
+
+
+def test_training_pairs_draw_hard_negatives_from_the_given_lists(small):
+    ds, split = small.dataset, small.split
+    touched = TouchedItems(ds)
+    rng = np.random.default_rng(0)
+    hard = {int(u): touched.sample(np.array([u]), rng, (3,))[0] for u in split.train_users}
+    rows = training_pairs(ds, split, touched, negatives=2, rng=np.random.default_rng(1), hard=hard)
+    neg = rows.labels == 0
+    assert neg.sum() == 2 * (rows.labels == 1).sum()
+    for u, item in zip(rows.users[neg], rows.candidates[neg]):
+        assert item in hard[int(u)]
+    used = {(int(u), int(i)) for u, i in zip(rows.users[neg], rows.candidates[neg])}
+    assert len(used) > len(hard)  # not one fixed item per user: drawn from each list
+
+
+def test_hard_negatives_are_each_train_users_retrieval_top_m(small, invoke, bundle_k4, index_k4):
+    ds, split = small.dataset, small.split
+    hard = hard_negatives(small, 30)
+    assert set(hard) == set(split.train_users.tolist())
+    touched = TouchedItems(ds)
+    for u, items in hard.items():
+        assert len(items) == 30 == len(set(items.tolist()))
+        assert not touched.contains(np.full(30, u), items).any()
+    u = int(split.train_users[0])
+    result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", ds.user_ids[u], "-n", "30", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["item"] for r in json.loads(result.stdout)["items"]] == ds.item_ids[hard[u]].tolist()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_rank_batch_history_and_negative_history(small):
+    ds = small.dataset
+    touched = TouchedItems(ds)
+    users = np.array([0, 1, 2, 3, 4, 5])
+    ends = np.minimum([1, 2, 5, 10, 20, 30], ds.lengths()[users])
+    assert ends[-1] > 12  # one history longer than L
+    cands = np.arange(1, 7)
+    b = make_rank_batch(ds, touched, users, ends, cands, np.array([1, 0, 1, 0, 1, 0]), max_len=12,
+                        rng=np.random.default_rng(0), neg_history=True)
+    assert b.history.shape == b.mask.shape == b.neg_history.shape == (6, 12)
+    assert b.sessions is None and b.session_mask is None
+    for r, (u, e) in enumerate(zip(users, ends)):
+        want = ds.sequence(u)[:e][-12:]
+        assert b.history[r, : len(want)].tolist() == want.tolist()
+        assert b.mask[r].tolist() == [True] * len(want) + [False] * (12 - len(want))
+    neg = b.neg_history.numpy()
+    assert ((neg == 0) == ~b.mask.numpy()).all()  # zero exactly on padding
+    real = b.mask.numpy()
+    assert not touched.contains(np.broadcast_to(users[:, None], neg.shape)[real], neg[real]).any()
+    assert b.candidate.tolist() == cands.tolist() and b.label.tolist() == [1, 0, 1, 0, 1, 0]
+    plain = make_rank_batch(ds, touched, users, ends, cands, None, max_len=12)
+    assert plain.neg_history is None and plain.label is None and plain.sessions is None
+
+
+def test_rank_batch_sessions_come_only_from_the_history_before_end(small):
+    ds = small.dataset
+    users = np.arange(20)
+    ends = np.minimum(ds.lengths()[users], np.arange(20) * 2 + 1)
+    spec = SessionSpec(sessions=3, per_session=4)
+    b = make_rank_batch(ds, TouchedItems(ds), users, ends, np.ones(20, np.int64), None, max_len=8, sessions=spec)
+    assert b.sessions.shape == b.session_mask.shape == (20, 3, 4)
+    s, m = b.sessions.numpy(), b.session_mask.numpy()
+    assert ((s == 0) == ~m).all()
+    for r, (u, e) in enumerate(zip(users, ends)):
+        before = set(ds.sequence(u)[:e].tolist())
+        kept = s[r][m[r]].tolist()
+        assert kept and set(kept) <= before
+        assert ds.sequence(u)[e - 1] in kept  # the latest behaviour is in the newest session
+        assert not set(kept) & (set(ds.sequence(u).tolist()) - before)
+
+
+# ---------------------------------------------------------------------------- rerank
+
+
+class CandidateScorer(EmbeddingMLP):
+    """Logit = candidate index, negated for histories longer than two behaviours."""
+
+    def score(self, batch):
+        s = batch.candidate.float()
+        return torch.where(batch.mask.sum(1) > 2, -s, s)
+
+
+def test_rerank_orders_by_logit_with_missing_candidates_last():
+    ds = hand_dataset([[1, 2], [3, 4, 5], [1]], n_items=8)
+    model = CandidateScorer(RankerConfig(n_items=8, dim=2, max_len=5, hidden=(2,)))
+    cands = np.array([[5, 0, 7, 3], [6, 7, 0, 8], [0, 0, 0, 0]])
+    items, logits = rerank(model, ds, TouchedItems(ds), np.array([0, 1, 2]), np.array([2, 3, 1]), cands)
+    assert items.tolist() == [[7, 5, 3, 0], [6, 7, 8, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(logits[:2, :3], [[7, 5, 3], [-6, -7, -8]])
+    assert np.isneginf(logits[:, 3]).all() and np.isneginf(logits[2]).all()
+
+
+def test_rerank_matches_pairwise_scores_of_a_real_ranker(small):
+    from retrieval.ranking.models import build_ranker
+
+    ds, split = small.dataset, small.split
+    torch.manual_seed(0)
+    model = build_ranker("din", ds, split.train_users, dim=4, max_len=10).eval()
+    touched = TouchedItems(ds)
+    users, ends = split.test_users[:4], split.history_len[split.test_users[:4]]
+    cands = touched.sample(users, np.random.default_rng(0), (6,))
+    cands[1, 2:] = 0
+    items, logits = rerank(model, ds, touched, users, ends, cands)
+    for r in range(4):
+        n = int((cands[r] > 0).sum())
+        alone = score_pairs(model, ds, touched, PairSet(np.repeat(users[r], n), np.repeat(ends[r], n),
+                                                         cands[r, :n], np.zeros(n, np.float32)))
+        order = np.argsort(-alone, kind="stable")
+        assert items[r, :n].tolist() == cands[r, :n][order].tolist()
+        np.testing.assert_allclose(logits[r, :n], alone[order], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ CLI end to end
+
+
+def train_ranker_cli(invoke, bundle: Path, out: Path, *args: str) -> Path:
+    result = invoke("train-ranker", "--bundle", bundle, "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranker_din(invoke, bundle_k4, tmp_path_factory) -> Path:
+    return train_ranker_cli(invoke, bundle_k4, tmp_path_factory.mktemp("rankers") / "din", *TINY_RANKER)
+
+
+def check_ranker_bundle(path: Path, retrieval: Path, model: str) -> dict:
+    manifest = json.loads((path / "manifest.json").read_text())
+    retrieval_manifest = json.loads((retrieval / "manifest.json").read_text())
+    assert manifest["kind"] == "ranker-bundle" and manifest["model"] == model
+    assert manifest["data_fingerprint"] == retrieval_manifest["data_fingerprint"]
+    assert manifest["retrieval_bundle_fingerprint"] == retrieval_manifest["bundle_fingerprint"]
+    assert manifest["split_seed"] == 2026
+    assert [h["epoch"] for h in manifest["history"]] == [1]
+    assert 0 <= manifest["history"][0]["val_auc"] <= 1
+    assert manifest["best_val_auc"] == manifest["history"][0]["val_auc"]
+    return manifest
+
+
+def test_train_ranker_writes_a_bundle_tied_to_the_retrieval_bundle(ranker_din, bundle_k4, small):
+    manifest = check_ranker_bundle(ranker_din, bundle_k4, "din")
+    config = json.loads((ranker_din / "config.json").read_text())
+    assert config["name"] == "din" and config["model"]["dim"] == 8
+    assert config["train"]["epochs"] == 1 and config["train"]["negative_source"] == "uniform"
+    # the saved weights reproduce the validation AUC recorded at training time
+    rb = load_ranker(ranker_din, small)
+    val = pair_metrics(rb.model, small.dataset, TouchedItems(small.dataset),
+                       protocol_pairs(small.dataset, small.split, "validation"))
+    assert val["auc"] == pytest.approx(manifest["history"][0]["val_auc"], abs=1e-6)
+
+
+def query_json(invoke, bundle: Path, index: Path, *args: str | Path):
+    result = invoke("query", "--bundle", bundle, "--index", index, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_query_rank_reorders_the_top_m_retrieval_candidates(invoke, bundle_k4, index_k4, ranker_din, small):
+    ds = small.dataset
+    retrieved = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30")["items"]
+    ranked = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30", "--rank", ranker_din,
+                        "--candidates", "30")["items"]
+    assert sorted(r["item"] for r in ranked) == sorted(r["item"] for r in retrieved)  # the same 30
+    assert [r["rank"] for r in ranked] == list(range(1, 31))
+    score_of = {r["item"]: r["score"] for r in retrieved}
+    assert all(r["score"] == score_of[r["item"]] for r in ranked)  # retrieval scores travel along
+    rank_scores = [r["rank_score"] for r in ranked]
+    assert all(a >= b for a, b in zip(rank_scores, rank_scores[1:])), rank_scores
+    assert [r["item"] for r in ranked] != [r["item"] for r in retrieved]  # a ranker of its own
+    u = ds.user_index(USER)
+    assert not {r["item"] for r in ranked} & set(ds.item_ids[ds.sequence(u)].tolist())
+    # rank_score is the ranker's logit of that item for that user's whole history
+    rb = load_ranker(ranker_din, small)
+    idx = np.array([np.flatnonzero(ds.item_ids == r["item"])[0] for r in ranked])
+    want = score_pairs(rb.model, ds, TouchedItems(ds),
+                       PairSet(np.full(30, u), np.full(30, ds.lengths()[u]), idx, np.zeros(30, np.float32)))
+    np.testing.assert_allclose(rank_scores, want, atol=2e-6)
+
+    top5 = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "5", "--rank", ranker_din,
+                      "--candidates", "30")["items"]
+    assert top5 == ranked[:5]
+
+
+def test_query_rank_table_and_users_file(invoke, bundle_k4, index_k4, ranker_din, tmp_path):
+    result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "-n", "6",
+                    "--rank", ranker_din, "--candidates", "40")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["rank", "item", "score", "rank_score", "interest", "title"]
+    rows = [line.split() for line in lines[2:]]
+    alone = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "6", "--rank", ranker_din,
+                       "--candidates", "40")["items"]
+    assert [r[1] for r in rows] == [r["item"] for r in alone]
+    assert [float(r[3]) for r in rows] == pytest.approx([r["rank_score"] for r in alone], abs=1e-4)
+
+    users = tmp_path / "users.txt"
+    users.write_text(f"u00100\n{USER}\n")
+    both = query_json(invoke, bundle_k4, index_k4, "--users-file", users, "-n", "6", "--rank", ranker_din,
+                      "--candidates", "40")
+    assert [r["user"] for r in both] == ["u00100", USER]
+    assert both[1]["items"] == alone  # scoring users together changes nothing
+
+
+def test_evaluate_ranker_report(invoke, bundle_k4, ranker_din, tmp_path):
+    out = tmp_path / "report.json"
+    result = invoke("evaluate", "--bundle", bundle_k4, "--ranker", ranker_din, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    r = report["ranker"]
+    assert r["model"] == "din" and r["M"] == 200 and r["N"] == [20, 50]
+    assert r["users"] == report["users"] and r["part"] == "test"
+    assert 0 <= r["standalone"]["auc"] <= 1 and 0 <= r["standalone"]["gauc"] <= 1
+    for stage in ("retrieval_only", "two_stage"):
+        assert list(r[stage]) == METRICS
+        assert all(0 <= v <= 1 for v in r[stage].values())
+    # retrieval-only is the retrieval report's own best-merge figure on the same users
+    assert r["retrieval_only"] == pytest.approx({m: report["models"]["mind"][m] for m in METRICS})
+    assert r["candidates_per_s"] > 0
+    assert f"ranker din: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}" in result.stdout
+    assert any(line.split()[0] == "two_stage" for line in result.stdout.splitlines() if line.strip())
+
+
+def ndcg(ranked: np.ndarray, truth: np.ndarray, n: int) -> float:
+    """The protocol's NDCG@n, written out: binary gains at 1-based ranks over the ideal."""
+    dcg = sum(1 / np.log2(rank + 1) for rank, i in enumerate(ranked[:n], 1) if i in set(truth.tolist()))
+    return dcg / sum(1 / np.log2(rank + 1) for rank in range(1, min(len(truth), n) + 1))
+
+
+def test_two_stage_with_m_equal_n_only_reorders(small, ranker_din):
+    from retrieval.evaluate import exact_index, held_out_users
+    from retrieval.recommend import recommend
+
+    ds, split = small.dataset, small.split
+    rb = load_ranker(ranker_din, small)
+    index = exact_index(small.model)
+    r = evaluate_ranker(rb.model, ds, split, small.model, index, m=20, ns=(20,))
+    # reranking 20 candidates cannot change which of them are in the top 20 ...
+    assert r["two_stage"]["recall@20"] == pytest.approx(r["retrieval_only"]["recall@20"])
+    assert r["two_stage"]["hit_rate@20"] == pytest.approx(r["retrieval_only"]["hit_rate@20"])
+    # ... only their order, which NDCG sees: both figures by hand from the two orders
+    users, ends, truth = held_out_users(ds, split, "test")
+    cands = recommend(small.model, ds, index, users, ends, 20).items
+    reranked, _ = rerank(rb.model, ds, TouchedItems(ds), users, ends, cands)
+    assert r["retrieval_only"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(cands, truth)]))
+    assert r["two_stage"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(reranked, truth)]))
+    assert r["two_stage"]["ndcg@20"] != pytest.approx(r["retrieval_only"]["ndcg@20"])
+
+
+@pytest.mark.parametrize("model,cls", [("base", EmbeddingMLP), ("dmin", DMIN), ("dien", DIEN), ("dsin", DSIN)])
+def test_train_ranker_each_model(invoke, bundle_k4, small, tmp_path, model, cls):
+    out = train_ranker_cli(invoke, bundle_k4, tmp_path / model, "--model", model, *FAST_RANKER)
+    manifest = check_ranker_bundle(out, bundle_k4, model)
+    rb = load_ranker(out, small)
+    assert type(rb.model) is cls and rb.model.config.max_len == 10 and rb.name == model
+    val = pair_metrics(rb.model, small.dataset, TouchedItems(small.dataset),
+                       protocol_pairs(small.dataset, small.split, "validation"))
+    assert val["auc"] == pytest.approx(manifest["history"][0]["val_auc"], abs=1e-6)
+
+
+def test_train_ranker_with_retrieval_negatives(invoke, bundle_k4, tmp_path):
+    out = train_ranker_cli(invoke, bundle_k4, tmp_path / "hard", "--model", "base", "--negative-source", "retrieval",
+                           "--candidates", "30", *FAST_RANKER)
+    check_ranker_bundle(out, bundle_k4, "base")
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert train["negative_source"] == "retrieval" and train["retrieval_m"] == 30
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_train_ranker_rejects_an_unknown_model_or_negative_source(invoke, bundle_k4, tmp_path):
+    result = invoke("train-ranker", "--bundle", bundle_k4, "--out", tmp_path / "r", "--model", "xgboost")
+    assert_clean_error(result, "--model must be one of base, din, dmin, dien, dsin, got 'xgboost'")
+    result = invoke("train-ranker", "--bundle", bundle_k4, "--out", tmp_path / "r", "--negative-source", "popular")
+    assert_clean_error(result, "--negative-source must be uniform or retrieval, got 'popular'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_ranker_beside_a_retrieval_bundle_of_other_data(invoke, ranker_din, tiny_k1_twice, tmp_path, monkeypatch):
+    foreign = tiny_k1_twice[0]
+    message = f"{ranker_din}: the ranker was trained on other data than the retrieval bundle {foreign}"
+    index = tmp_path / "tiny_index"
+    assert invoke("build-index", "--bundle", foreign, "--out", index).exit_code == 0
+    user = str(load_bundle(foreign).dataset.user_ids[0])
+    result = invoke("query", "--bundle", foreign, "--index", index, "--user", user, "--rank", ranker_din)
+    assert_clean_error(result, message)
+
+    import retrieval.evaluate
+
+    def no_evaluation(*args, **kwargs):  # a bad --ranker must fail before the retrieval evaluation
+        raise AssertionError("evaluated before checking the ranker")
+
+    monkeypatch.setattr(retrieval.evaluate, "evaluate_bundles", no_evaluation)
+    result = invoke("evaluate", "--bundle", foreign, "--ranker", ranker_din, "--out", tmp_path / "report.json")
+    assert_clean_error(result, message)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_ranker_beside_a_bundle_with_another_split_seed(invoke, small_data, ranker_din, tmp_path):
+    other = tmp_path / "seed2027"
+    result = invoke("train", "--interactions", small_data["interactions"], "--items", small_data["items"],
+                    "--users", small_data["users"], "--out", other, "--epochs", "1", "--dim", "8",
+                    "--negatives", "16", "--split-seed", "2027")
+    assert result.exit_code == 0, result.output
+    result = invoke("evaluate", "--bundle", other, "--ranker", ranker_din)
+    assert_clean_error(result, f"{ranker_din}: the ranker uses split seed 2026, the retrieval bundle uses 2027")
+
+
+@pytest.mark.parametrize("target", ["model.pt", "config.json"])
+def test_tampered_ranker_bundle(invoke, bundle_k4, index_k4, ranker_din, tmp_path, target):
+    bad = tmp_path / "tampered"
+    shutil.copytree(ranker_din, bad)
+    data = bytearray((bad / target).read_bytes())
+    data[-2] ^= 0x01
+    (bad / target).write_bytes(bytes(data))
+    message = f"{bad}: ranker contents do not match its manifest fingerprint (modified or corrupt)"
+    result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bad)
+    assert_clean_error(result, message)
+    assert_clean_error(invoke("evaluate", "--bundle", bundle_k4, "--ranker", bad), message)
+
+
+def test_ranker_bundle_that_is_not_one(invoke, bundle_k4, index_k4, tmp_path):
+    result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bundle_k4)
+    assert_clean_error(result, f"{bundle_k4}: expected a ranker-bundle, found a 'mind-bundle'")
+    missing = tmp_path / "nothing"
+    result = invoke("evaluate", "--bundle", bundle_k4, "--ranker", missing)
+    assert_clean_error(result, f"{missing}: not a ranker-bundle (no manifest.json)")
+
+
+def test_ranker_bundle_with_a_consistent_but_wrong_config(invoke, bundle_k4, index_k4, ranker_din, tmp_path):
+    """Edited and re-fingerprinted (so not caught as tampering): the weights no longer fit."""
+    from retrieval.artifacts import dir_fingerprint
+
+    bad = tmp_path / "resized"
+    shutil.copytree(ranker_din, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model"]["dim"] = 6
+    (bad / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["bundle_fingerprint"] = dir_fingerprint(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bad)
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: unreadable ranker bundle (")
+    assert len(result.stderr.strip().splitlines()) == 1
