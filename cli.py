@@ -100,7 +100,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
     negatives: Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")] = 512,
-    neg_alpha: Annotated[float, typer.Option(help="Negatives drawn ∝ frequency^alpha (0 = uniform).")] = 0.75,
+    neg_alpha: Annotated[float, typer.Option(help="Negatives drawn ∝ frequency^alpha (0 = uniform).")] = 1.0,
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")] = 3,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
@@ -342,7 +342,7 @@ def experiment(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
     negatives: Annotated[int, typer.Option(min=1)] = 512,
-    neg_alpha: Annotated[float, typer.Option()] = 0.75,
+    neg_alpha: Annotated[float, typer.Option()] = 1.0,
     patience: Annotated[int, typer.Option(min=1)] = 3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:

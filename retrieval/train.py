@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 256  # windows per step
     lr: float = 3e-3  # Adam learning rate (dense and sparse parameters alike)
     negatives: int = 512  # S: sampled negatives shared across the batch
-    neg_alpha: float = 0.75  # negatives drawn with q ∝ (train frequency + 1)^alpha; 0 = uniform
+    neg_alpha: float = 1.0  # negatives drawn with q ∝ (train frequency + 1)^alpha; 0 = uniform (1.0: best on validation)
     patience: int = 3  # stop after this many epochs without a better validation Recall@N
     seed: int = 0  # seeds initialisation, shuffling, negatives and routing draws
     split_seed: int = 2026  # the protocol's user split seed

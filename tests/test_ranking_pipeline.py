@@ -390,7 +390,10 @@ def test_query_rank_table_and_users_file(invoke, bundle_k4, index_k4, ranker_din
     both = query_json(invoke, bundle_k4, index_k4, "--users-file", users, "-n", "6", "--rank", ranker_din,
                       "--candidates", "40")
     assert [r["user"] for r in both] == ["u00100", USER]
-    assert both[1]["items"] == alone  # scoring users together changes nothing
+    # scoring users together changes nothing (scores up to float rounding of batched matmuls)
+    assert [(r["item"], r["interest"]) for r in both[1]["items"]] == [(r["item"], r["interest"]) for r in alone]
+    for key in ("score", "rank_score"):
+        assert [r[key] for r in both[1]["items"]] == pytest.approx([r[key] for r in alone], abs=1e-4)
 
 
 def test_evaluate_ranker_report(invoke, bundle_k4, ranker_din, tmp_path):
