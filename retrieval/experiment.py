@@ -63,6 +63,14 @@ def run_experiment(
             }
             for k in keys
         }
+    training = {
+        name: {
+            k: {"mean": float(np.mean([r["training"][name][k] for r in per_seed])),
+                "std": float(np.std([r["training"][name][k] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
+            for k in ("train_samples_per_s", "train_seconds", "best_epoch", "epochs_run")
+        }
+        for name in per_seed[0]["training"]
+    }
     return {
         "kind": "retrieval-experiment",
         "dataset": str(spec.interactions),
@@ -76,6 +84,7 @@ def run_experiment(
         "model_settings": model_settings,
         "train_config": dataclasses.asdict(config),
         "models": models,
+        "training": training,
         "per_seed": per_seed,
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
