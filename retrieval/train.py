@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.faiss_index import build_index
 from retrieval.bundle import config_dict, save_bundle
 from retrieval.data import Dataset, DataSpec, Split
 from retrieval.errors import DataError
+from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import MIND, MINDConfig, log_expected_counts
 from retrieval.progress import progress_bar
@@ -56,11 +56,8 @@ class TrainResult:
 
 def validation_recall(model: MIND, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
     """Mean Recall@n of validation users, through the serving path on an exact index."""
-    users = split.val_users
-    users = users[split.history_len[users] < ds.lengths()[users]]  # users with a ground truth
-    index = build_index(model.item_vectors().detach().numpy().astype(np.float32), "Flat")
-    rec = recommend(model, ds, index, users, split.history_len[users], n, merge=merge)
-    truth = [ds.sequence(u)[split.history_len[u] :] for u in users]
+    users, ends, truth = held_out_users(ds, split, "validation")
+    rec = recommend(model, ds, exact_index(model), users, ends, n, merge=merge)
     return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))[f"recall@{n}"]
 
 

@@ -19,14 +19,13 @@ Shapes: B batch, L history length, D = dim * (1 + F) item representation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from retrieval.layers import act_mlp
-from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
 
 
-class EmbeddingMLP(nn.Module):
+class EmbeddingMLP(ClickModel):
     """DIN's Base model: sum-pooled history ⊕ candidate ⊕ profile -> MLP -> one logit."""
 
     def __init__(self, config: RankerConfig, item_features: dict[str, Tensor] | None = None):
@@ -37,10 +36,6 @@ class EmbeddingMLP(nn.Module):
         D = self.items.out_dim
         self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)
 
-    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
-        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
-        (field -> (vocabulary,); derived from item_counts when None), the n_j of the MBA L2."""
-        self.items.set_frequencies(item_counts, feature_counts)
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
@@ -55,13 +50,4 @@ class EmbeddingMLP(nn.Module):
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2."""
-        if batch.label is None:
-            raise ValueError("batch.label is None: the loss needs click labels")
-        bce = F.binary_cross_entropy_with_logits(self.score(batch), batch.label.float())
-        ids = torch.cat([batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate])
-        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
-        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
-
-    def loss(self, batch: RankBatch) -> Tensor:
-        """Training loss ()."""
-        return self.losses(batch)["total"]
+        return self.click_losses(self.score(batch), batch, [batch.history.masked_fill(~batch.mask, 0), batch.candidate])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.layers import PooledEmbedding
@@ -147,3 +148,38 @@ def mba_l2(weight: Tensor, ids: Tensor, counts: Tensor) -> Tensor:
     uniq = uniq[uniq != 0]
     n = counts[uniq].clamp(min=1).to(weight.dtype)
     return (weight[uniq].pow(2).sum(-1) / n).sum()
+
+
+class ClickModel(nn.Module):
+    """What every ranker shares around its own `score`: the frequency setter of the
+    mini-batch-aware L2 and the click loss (BCE + optional auxiliary loss + MBA L2).
+
+    A subclass sets `self.config` and `self.items`, and implements `losses(batch)`,
+    usually by calling `click_losses`."""
+
+    config: RankerConfig
+    items: ItemEncoder
+
+    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
+        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
+        (field -> (vocabulary,); derived from item_counts when None): the n_j of the MBA L2."""
+        self.items.set_frequencies(item_counts, feature_counts)
+
+    def click_losses(
+        self, logits: Tensor, batch: RankBatch, ids: list[Tensor], aux: Tensor | None = None, aux_weight: float = 0.0
+    ) -> dict[str, Tensor]:
+        """{"total", "bce", "l2"} (and "aux" when given), each (): total = bce + aux_weight × aux +
+        config.l2 × MBA-L2 over the item ids the batch touched (`ids`)."""
+        if batch.label is None:
+            raise ValueError("batch.label is None: the loss needs click labels")
+        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
+        l2 = self.items.mba_l2(torch.cat([i.reshape(-1) for i in ids])) if self.config.l2 else bce.new_zeros(())
+        out = {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
+        if aux is not None:
+            out["aux"] = aux
+            out["total"] = out["total"] + aux_weight * aux
+        return out
+
+    def loss(self, batch: RankBatch) -> Tensor:
+        """Training loss ()."""
+        return self.losses(batch)["total"]  # type: ignore[attr-defined]

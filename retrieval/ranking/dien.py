@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from retrieval.layers import TargetAttention, act_mlp
-from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
 
 Evolution = Literal["augru", "aigru", "agru"]
 
@@ -91,7 +91,7 @@ class AttentionGRUCell(nn.Module):
         return (1 - u) * h + u * cand
 
 
-class DIEN(nn.Module):
+class DIEN(ClickModel):
     """Interest extractor GRU + auxiliary loss + attention-driven interest-evolving GRU + MLP."""
 
     def __init__(self, config: DIENConfig, item_features: dict[str, Tensor] | None = None):
@@ -108,10 +108,6 @@ class DIEN(nn.Module):
         self.evolution = AttentionGRUCell(G, G, c.evolution)
         self.head = act_mlp(G + D + self.profile.out_dim + D, c.hidden, c.act)
 
-    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
-        """Training frequency of every item (N+1,) and, optionally, of every item-feature value:
-        the n_j of the mini-batch-aware L2 (config.l2 > 0)."""
-        self.items.set_frequencies(item_counts, feature_counts)
 
     def extract(self, e: Tensor, mask: Tensor) -> Tensor:
         """Interest extractor: e (B, L, D), left-aligned mask (B, L) -> h (B, L, G), 0 on padding."""
@@ -170,18 +166,12 @@ class DIEN(nn.Module):
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
         logits, h, e = self._forward(batch)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
-        ids = [batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate]
-        aux = bce.new_zeros(())
+        ids = [batch.history.masked_fill(~batch.mask, 0), batch.candidate]
+        aux = logits.new_zeros(())
         if c.aux_weight:
             if batch.neg_history is None:
                 raise ValueError(f"batch.neg_history is None: aux_weight={c.aux_weight} needs sampled negatives")
             negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
             aux = self.aux_loss(h, e, self.items(negatives), batch.mask)
-            ids.append(negatives.reshape(-1))
-        l2 = self.items.mba_l2(torch.cat(ids)) if c.l2 else bce.new_zeros(())
-        return {"total": bce + c.aux_weight * aux + c.l2 * l2, "bce": bce, "aux": aux, "l2": l2}
-
-    def loss(self, batch: RankBatch) -> Tensor:
-        """Training loss ()."""
-        return self.losses(batch)["total"]
+            ids.append(negatives)
+        return self.click_losses(logits, batch, ids, aux, c.aux_weight)

@@ -31,11 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from retrieval.layers import ActivationUnit, act_mlp
-from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
 
 
 @dataclass
@@ -46,7 +45,7 @@ class DINConfig(RankerConfig):
     att_act: str = "dice"  # activation inside the activation unit: dice, prelu, relu or sigmoid
 
 
-class DIN(nn.Module):
+class DIN(ClickModel):
     """Deep Interest Network: candidate-activated sum of behaviours -> MLP -> one logit."""
 
     def __init__(self, config: DINConfig, item_features: dict[str, Tensor] | None = None):
@@ -58,11 +57,6 @@ class DIN(nn.Module):
         self.attention = ActivationUnit(D, config.att_hidden, config.att_act)
         self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)
 
-    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
-        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
-        (field -> (vocabulary,); derived from item_counts and the feature tables when None):
-        the n_j of the mini-batch-aware L2. Stored as buffers of `self.items`."""
-        self.items.set_frequencies(item_counts, feature_counts)
 
     def interest(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Candidate-activated interest (B, D), activation weights (B, L) (0 on padding, not
@@ -83,13 +77,4 @@ class DIN(nn.Module):
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
-        if batch.label is None:
-            raise ValueError("batch.label is None: the loss needs click labels")
-        bce = F.binary_cross_entropy_with_logits(self.score(batch), batch.label.float())
-        ids = torch.cat([batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate])
-        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
-        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
-
-    def loss(self, batch: RankBatch) -> Tensor:
-        """Training loss ()."""
-        return self.losses(batch)["total"]
+        return self.click_losses(self.score(batch), batch, [batch.history.masked_fill(~batch.mask, 0), batch.candidate])

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.layers import ActivationUnit, act_mlp, masked_softmax
-from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
 
 
 @dataclass
@@ -168,7 +168,7 @@ class MultiInterestExtractor(nn.Module):
         return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
 
 
-class DMIN(nn.Module):
+class DMIN(ClickModel):
     """Deep Multi-Interest Network: refiner (+ aux loss) -> H_E interests -> MLP -> one logit."""
 
     def __init__(self, config: DMINConfig, item_features: dict[str, Tensor] | None = None):
@@ -186,10 +186,6 @@ class DMIN(nn.Module):
         self.extractor = MultiInterestExtractor(D, config)
         self.mlp = act_mlp((config.extractor_heads + 1) * D + self.profile.out_dim, config.hidden, config.act)
 
-    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
-        """Training frequency of every item (N+1,) and, optionally, of every item-feature value
-        (field -> (vocabulary,); derived from item_counts when None): the n_j of the MBA L2."""
-        self.items.set_frequencies(item_counts, feature_counts)
 
     def _refine(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
         """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D), attention mask (B, L, L)."""
@@ -229,18 +225,13 @@ class DMIN(nn.Module):
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
         e, z, allowed = self._refine(batch)
-        bce = F.binary_cross_entropy_with_logits(self._logit(batch, z, allowed), batch.label.float())
-        ids = [batch.history.masked_fill(~batch.mask, 0).reshape(-1), batch.candidate]
-        aux = bce.new_zeros(())
+        logits = self._logit(batch, z, allowed)
+        ids = [batch.history.masked_fill(~batch.mask, 0), batch.candidate]
+        aux = logits.new_zeros(())
         if c.aux_weight:
             if batch.neg_history is None:
                 raise ValueError("batch.neg_history is None: DMIN's auxiliary loss needs sampled negatives")
             negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
             aux = auxiliary_loss(z, e, self.items(negatives), batch.mask)
-            ids.append(negatives.reshape(-1))
-        l2 = self.items.mba_l2(torch.cat(ids)) if c.l2 else bce.new_zeros(())
-        return {"total": bce + c.aux_weight * aux + c.l2 * l2, "bce": bce, "aux": aux, "l2": l2}
-
-    def loss(self, batch: RankBatch) -> Tensor:
-        """Training loss ()."""
-        return self.losses(batch)["total"]
+            ids.append(negatives)
+        return self.click_losses(logits, batch, ids, aux, c.aux_weight)

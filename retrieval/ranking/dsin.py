@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from retrieval.layers import TargetAttention, masked_softmax, act_mlp
-from retrieval.ranking.common import ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
 from retrieval.ranking.sessions import DEFAULT_GAP
 
 
@@ -99,7 +98,7 @@ class SessionTransformer(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-class DSIN(nn.Module):
+class DSIN(ClickModel):
     """Bias encoding + per-session transformer + Bi-LSTM over sessions + two target attentions + MLP."""
 
     def __init__(self, config: DSINConfig, item_features: dict[str, Tensor] | None = None):
@@ -117,10 +116,6 @@ class DSIN(nn.Module):
         self.att_lstm = TargetAttention(2 * Hl, D, c.attention, c.attention_hidden, c.act)
         self.head = act_mlp(D + 2 * Hl + D + self.profile.out_dim, c.hidden, c.act)
 
-    def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
-        """Training frequency of every item (N+1,) and, optionally, of every item-feature value:
-        the n_j of the mini-batch-aware L2 (config.l2 > 0)."""
-        self.items.set_frequencies(item_counts, feature_counts)
 
     def session_interests(self, sessions: Tensor, mask: Tensor) -> Tensor:
         """sessions, mask (B, S, T) -> I (B, S, D): the transformer's outputs averaged over
@@ -172,12 +167,5 @@ class DSIN(nn.Module):
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
-        logits = self.score(batch)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
-        ids = torch.cat([batch.sessions.masked_fill(~batch.session_mask, 0).reshape(-1), batch.candidate])
-        l2 = self.items.mba_l2(ids) if self.config.l2 else bce.new_zeros(())
-        return {"total": bce + self.config.l2 * l2, "bce": bce, "l2": l2}
-
-    def loss(self, batch: RankBatch) -> Tensor:
-        """Training loss ()."""
-        return self.losses(batch)["total"]
+        ids = [batch.sessions.masked_fill(~batch.session_mask, 0), batch.candidate]
+        return self.click_losses(self.score(batch), batch, ids)
