@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retrieval.artifacts import atomic_write_json  # noqa: E402
 from retrieval.bundle import load_bundle  # noqa: E402
 from retrieval.evaluate import exact_index  # noqa: E402
 from retrieval.ranking.evaluate import evaluate_ranker  # noqa: E402
@@ -35,7 +36,7 @@ def main(bundle: str, out: str, names: str, epochs: str) -> None:
                         "split_seed": b.split.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         **ev}
         print(name, json.dumps(report[name]), flush=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(Path(out), report)
 
 
 if __name__ == "__main__":
