@@ -330,6 +330,9 @@ def experiment(
     out: Annotated[Path, typer.Option(help="JSON report to write.")],
     items: Items = None,
     users: Users = None,
+    user_col: Annotated[str, typer.Option(help="User id column.")] = "user_id",
+    item_col: Annotated[str, typer.Option(help="Item id column.")] = "item_id",
+    time_col: Annotated[str, typer.Option(help="Timestamp column (numeric).")] = "timestamp",
     user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
     item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
@@ -357,8 +360,8 @@ def experiment(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
-    spec = DataSpec(interactions, items, users, item_features=_columns(item_features),
-                    user_features=_columns(user_features))
+    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
+                    item_features=_columns(item_features), user_features=_columns(user_features))
     ds = load_dataset(spec)
     settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
                 "attention": "hard" if hard_attention else "power", "seed": seed}

@@ -275,3 +275,28 @@ def test_hnsw_index_agrees_with_flat(invoke, bundle_k4, index_k4, tmp_path):
         for f, a in zip(flat, approx, strict=True)
     ]
     assert np.mean(overlap) >= 0.9, overlap
+
+
+def test_experiment_reports_mean_and_std_over_split_seeds(invoke, tiny_data, tmp_path):
+    out = tmp_path / "experiment.json"
+    result = invoke("experiment", "--interactions", tiny_data["interactions"], "--items", tiny_data["items"],
+                    "--users", tiny_data["users"], "--seeds", "2026,2027", "--epochs", "1", "--dim", "8",
+                    "--negatives", "32", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["split_seeds"] == [2026, 2027] and len(report["per_seed"]) == 2
+    assert set(report["models"]) == set(MODELS)
+    for name, row in report["models"].items():
+        per_seed = [s["models"][name]["recall@50"] for s in report["per_seed"]]
+        assert row["recall@50"]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert row["recall@50"]["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
+    assert report["training"]["mind"]["train_samples_per_s"]["mean"] > 0
+    assert (report["K"], report["L"], report["dim"]) == (4, 50, 8)
+    assert "mind" in result.stdout and "±" in result.stdout
+
+
+def test_experiment_rejects_bad_seeds(invoke, tiny_data, tmp_path):
+    result = invoke("experiment", "--interactions", tiny_data["interactions"], "--seeds", "2026,x",
+                    "--out", tmp_path / "e.json")
+    assert_clean_error(result, "--seeds must be comma-separated integers, got '2026,x'")
+    assert not (tmp_path / "e.json").exists()
