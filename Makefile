@@ -11,7 +11,7 @@ RUN := runs/demo
 $(BIN)/retrieve: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first, pinned, so nothing resolves an open-ended torch (a CUDA build).
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/retrieve
 
