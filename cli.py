@@ -375,5 +375,43 @@ def experiment(
     typer.echo(f"report: {out}")
 
 
+@app.command("experiment-rankers")
+@clean_errors
+def experiment_rankers(
+    interactions: Interactions,
+    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    items: Items = None,
+    users: Users = None,
+    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
+    rankers: Annotated[str, typer.Option(help="Comma-separated rankers or variants (name:key=value;key=value).")] = (
+        "base,din,dmin,dien,dien:aux_weight=0,dien:evolution=aigru,dien:evolution=agru,dsin"),
+    epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs.")] = 10,
+    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
+    from retrieval.artifacts import atomic_write_json
+    from retrieval.data import DataSpec, load_dataset
+    from retrieval.ranking.experiment import format_ranker_table, parse_variant, run_ranker_experiment
+    from retrieval.ranking.train import RankTrainConfig
+    from retrieval.train import TrainConfig
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        variants = [v for v in rankers.split(",") if v.strip()]
+        for v in variants:
+            parse_variant(v)
+    except ValueError as err:
+        _fail(str(err) if "ranker" in str(err) else f"--seeds must be comma-separated integers, got {seeds!r}")
+    spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
+    ds = load_dataset(spec)
+    report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
+                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates)
+    atomic_write_json(out, report)
+    typer.echo(format_ranker_table(report))
+    typer.echo(f"report: {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -86,3 +86,13 @@ def index_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathF
     result = invoke("build-index", "--bundle", bundle_k4, "--out", out)
     assert result.exit_code == 0, result.output
     return out
+
+
+def assert_clean_error(result: Result, message: str) -> None:
+    """Exit code 2, exactly `error: message` as the one error line on stderr, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message}"]
+    assert result.stdout == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import Result
+from conftest import assert_clean_error
 
 from data.synthetic import SyntheticConfig, generate
 
@@ -18,14 +18,6 @@ ITEM_ID = re.compile(r"^i\d{5}$")
 MODELS = ("mind", "mind_share_merge", "mind_k1", "item_knn", "popularity")
 
 
-def assert_clean_error(result: Result, message: str) -> None:
-    """Exit code 2, exactly `error: message` as the one error line on stderr, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {message}"]
-    assert result.stdout == ""
 
 
 def history(data: dict[str, Path], user: str) -> list[str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_clean_error
 import torch
-from typer.testing import Result
 
 from retrieval.bundle import load_bundle
 from retrieval.data import Dataset, split_users
@@ -37,13 +37,6 @@ USER = "u00003"
 METRICS = [f"{m}@{n}" for n in (20, 50) for m in ("recall", "hit_rate", "ndcg")]
 
 
-def assert_clean_error(result: Result, message: str) -> None:
-    """Exit code 2, exactly `error: message` as the one error line on stderr, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"]
-    assert result.stdout == ""
 
 
 def hand_dataset(seqs: list[list[int]], n_items: int, times: list[list[int]] | None = None) -> Dataset:
@@ -539,3 +532,28 @@ def test_ranker_bundle_with_a_consistent_but_wrong_config(invoke, bundle_k4, ind
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: unreadable ranker bundle (")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_experiment_rankers_report_with_variants(invoke, tmp_path):
+    from data.synthetic import SyntheticConfig, generate
+
+    data = generate(tmp_path / "data", SyntheticConfig(n_users=60, n_items=150, n_topics=6, n_categories=3, max_len=40, mean_len=30.0, seed=5))
+    out = tmp_path / "rankers.json"
+    result = invoke("experiment-rankers", "--interactions", data["interactions"], "--items", data["items"],
+                    "--users", data["users"], "--seeds", "2026,2027", "--rankers", "base,dien:evolution=agru;aux_weight=0",
+                    "--epochs", "1", "--candidates", "60", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["rankers"]) == ["base", "dien:evolution=agru;aux_weight=0"]
+    assert len(report["per_seed"]) == 2
+    for row in report["rankers"].values():
+        assert 0 <= row["auc"]["mean"] <= 1 and row["auc"]["std"] >= 0
+        assert row["candidates_per_s"]["mean"] > 0
+    variant = report["per_seed"][0]["rankers"]["dien:evolution=agru;aux_weight=0"]
+    assert variant["two_stage_ndcg@20"] >= 0
+
+
+def test_experiment_rankers_rejects_unknown_variants(invoke, tmp_path):
+    result = invoke("experiment-rankers", "--interactions", tmp_path / "x.csv", "--rankers", "din,wide",
+                    "--out", tmp_path / "r.json")
+    assert_clean_error(result, "unknown ranker 'wide' in 'wide'; use one of base, din, dmin, dien, dsin")

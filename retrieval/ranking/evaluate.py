@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from retrieval.data import Dataset, Split
+from retrieval.errors import RetrievalError
 from retrieval.evaluate import held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import MIND
@@ -47,6 +48,8 @@ def evaluate_ranker(
     ns: Sequence[int] = (20, 50),
 ) -> dict[str, Any]:
     """Standalone AUC / GAUC on the protocol's pairs, and two-stage metrics beside retrieval's."""
+    if m < max(ns):
+        raise RetrievalError(f"M={m} candidates cannot fill a top-{max(ns)} list; use at least {max(ns)}")
     touched = TouchedItems(ds)
     t0 = time.perf_counter()
     standalone = pair_metrics(ranker, ds, touched, protocol_pairs(ds, split, part))

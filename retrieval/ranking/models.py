@@ -50,11 +50,14 @@ def ranker_config(name: str, ds: Dataset, **settings: Any) -> RankerConfig:
         raise ValueError(f"unknown ranker {name!r}; use one of {', '.join(NAMES)}")
     cls = _CLASSES[name][1]
     known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(known))}")
     return cls(
         n_items=ds.n_items,
         item_feature_sizes={f: len(v) for f, v in ds.item_feature_vocab.items()},
         user_feature_sizes={f: len(v) for f, v in ds.user_feature_vocab.items()},
-        **{k: v for k, v in settings.items() if k in known},
+        **settings,
     )
 
 

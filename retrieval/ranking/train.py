@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ class RankTrainConfig:
     dim: int = 16  # embedding size per field
     max_len: int = 50  # L: behaviours fed to the ranker
     threads: int = 0  # torch threads; 0 = torch's default
+    settings: dict[str, Any] = field(default_factory=dict)  # model-specific config fields (e.g. evolution="agru")
 
 
 @dataclass
@@ -102,7 +103,8 @@ def train_ranker(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len)
+    model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
+                         **config.settings)
     spec = needs(model)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     touched = TouchedItems(ds)
