@@ -1,6 +1,6 @@
 """Classical retrieval baselines, run on the same split and users as MIND.
 
-- popularity: items ranked by how many training users touched them;
+- popularity: items ranked by how often the training users interacted with them;
 - item-based nearest neighbours: cosine similarity of items over the training users'
   interaction sets; a user's score for an item is the sum of its similarities to the
   user's last L history items.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval.data import Dataset, Split
+from retrieval.data import Dataset, Split, item_counts
 
 
 def _train_matrix(ds: Dataset, split: Split) -> torch.Tensor:
@@ -39,9 +39,7 @@ def _top_n_excluding(scores: torch.Tensor, ds: Dataset, users: np.ndarray, ends:
 
 def popularity(ds: Dataset, split: Split, users: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
     """(U, n) most popular items among training users, history excluded."""
-    counts = np.zeros(ds.n_items + 1, dtype=np.float32)
-    for u in split.train_users:
-        counts[ds.sequence(u)] += 1
+    counts = item_counts(ds, split.train_users).astype(np.float32)
     # ties broken by item index (stable): add a tiny decreasing ramp
     scores = torch.from_numpy(counts - np.arange(len(counts), dtype=np.float32) * 1e-7)
     return _top_n_excluding(scores.expand(len(users), -1), ds, users, ends, n)

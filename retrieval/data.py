@@ -384,3 +384,9 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
     held = np.concatenate([val, test])
     history_len[held] = np.maximum(1, (4 * lengths[held]) // 5)  # floor(0.8 n), at least 1
     return Split(seed, np.sort(train), np.sort(val), np.sort(test), history_len)
+
+
+def item_counts(ds: Dataset, users: np.ndarray) -> np.ndarray:
+    """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0)."""
+    owner = np.repeat(np.arange(ds.n_users), ds.lengths())  # (E,) user of each interaction
+    return np.bincount(ds.items[np.isin(owner, users)], minlength=ds.n_items + 1)

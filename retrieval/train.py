@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from retrieval.bundle import config_dict, save_bundle
-from retrieval.data import Dataset, DataSpec, Split
+from retrieval.data import Dataset, DataSpec, Split, item_counts
 from retrieval.errors import DataError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
@@ -91,7 +91,7 @@ def train(
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
-    freq = torch.from_numpy(np.bincount(ds.items[np.isin(np.repeat(np.arange(ds.n_users), ds.lengths()), split.train_users)], minlength=ds.n_items + 1))
+    freq = torch.from_numpy(item_counts(ds, split.train_users))
     q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
     gen = torch.Generator().manual_seed(config.seed)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, Union
 import numpy as np
 import torch
 
-from retrieval.data import Dataset
+from retrieval.data import Dataset, item_counts
 from retrieval.ranking.base import EmbeddingMLP
 from retrieval.ranking.common import RankerConfig
 from retrieval.ranking.data import SessionSpec
@@ -70,7 +70,6 @@ def build_ranker(name: str, ds: Dataset, train_users: np.ndarray | None = None, 
     """A fresh ranker sized for the dataset; item frequencies (for the MBA regulariser) from train users."""
     model = make_ranker(name, ranker_config(name, ds, **settings), ds)
     users = np.arange(ds.n_users) if train_users is None else train_users
-    seqs = np.concatenate([ds.sequence(u) for u in users]) if len(users) else np.zeros(0, np.int64)
-    counts = torch.from_numpy(np.bincount(seqs, minlength=ds.n_items + 1).astype(np.float32))
+    counts = torch.from_numpy(item_counts(ds, users).astype(np.float32))
     model.set_frequencies(counts)
     return model
