@@ -23,6 +23,11 @@ from retrieval.train import TrainConfig, model_config_for, train
 log = logging.getLogger(__name__)
 
 
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value) of one figure over seeds."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
 def run_experiment(
     ds: Dataset,
     spec: DataSpec,
@@ -56,19 +61,10 @@ def run_experiment(
     models: dict[str, dict[str, Any]] = {}
     for name in per_seed[0]["models"]:
         keys = [k for k, v in per_seed[0]["models"][name].items() if isinstance(v, float)]
-        models[name] = {
-            k: {
-                "mean": float(np.mean([r["models"][name][k] for r in per_seed])),
-                "std": float(np.std([r["models"][name][k] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0,
-            }
-            for k in keys
-        }
+        models[name] = {k: mean_std([r["models"][name][k] for r in per_seed]) for k in keys}
     training = {
-        name: {
-            k: {"mean": float(np.mean([r["training"][name][k] for r in per_seed])),
-                "std": float(np.std([r["training"][name][k] for r in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
-            for k in ("train_samples_per_s", "train_seconds", "best_epoch", "epochs_run")
-        }
+        name: {k: mean_std([r["training"][name][k] for r in per_seed])
+               for k in ("train_samples_per_s", "train_seconds", "best_epoch", "epochs_run")}
         for name in per_seed[0]["training"]
     }
     return {

@@ -22,6 +22,7 @@ import numpy as np
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
 from retrieval.evaluate import exact_index
+from retrieval.experiment import mean_std
 from retrieval.ranking.evaluate import evaluate_ranker
 from retrieval.ranking.models import NAMES
 from retrieval.ranking.train import RankTrainConfig, train_ranker
@@ -52,10 +53,6 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def run_ranker_experiment(
@@ -98,7 +95,7 @@ def run_ranker_experiment(
                      rows[label]["retrieval_ndcg@20"])
         per_seed.append({"split_seed": seed, "rankers": rows})
     rankers = {
-        label: {k: _mean_std([s["rankers"][label][k] for s in per_seed]) for k in per_seed[0]["rankers"][label]}
+        label: {k: mean_std([s["rankers"][label][k] for s in per_seed]) for k in per_seed[0]["rankers"][label]}
         for label, _, _ in parsed
     }
     return {
