@@ -22,17 +22,14 @@ import torch
 from torch import Tensor
 
 from retrieval.layers import act_mlp
-from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 
 class EmbeddingMLP(ClickModel):
     """DIN's Base model: sum-pooled history ⊕ candidate ⊕ profile -> MLP -> one logit."""
 
     def __init__(self, config: RankerConfig, item_features: dict[str, Tensor] | None = None):
-        super().__init__()
-        self.config = config
-        self.items = ItemEncoder(config, item_features)
-        self.profile = ProfileEncoder(config)
+        super().__init__(config, item_features)
         D = self.items.out_dim
         self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)
 

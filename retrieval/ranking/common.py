@@ -154,11 +154,14 @@ class ClickModel(nn.Module):
     """What every ranker shares around its own `score`: the frequency setter of the
     mini-batch-aware L2 and the click loss (BCE + optional auxiliary loss + MBA L2).
 
-    A subclass sets `self.config` and `self.items`, and implements `losses(batch)`,
-    usually by calling `click_losses`."""
+    A subclass builds its own layers after `super().__init__(config, item_features)` and
+    implements `score(batch)` and `losses(batch)`, usually by calling `click_losses`."""
 
-    config: RankerConfig
-    items: ItemEncoder
+    def __init__(self, config: RankerConfig, item_features: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.config = config
+        self.items = ItemEncoder(config, item_features)  # (..., D_item) item representations
+        self.profile = ProfileEncoder(config)  # (B, P) profile embedding
 
     def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
         """Training frequency of every item (N+1,) and, optionally, of every item-feature value

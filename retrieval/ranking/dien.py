@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from retrieval.layers import TargetAttention, act_mlp
-from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 Evolution = Literal["augru", "aigru", "agru"]
 
@@ -95,11 +95,8 @@ class DIEN(ClickModel):
     """Interest extractor GRU + auxiliary loss + attention-driven interest-evolving GRU + MLP."""
 
     def __init__(self, config: DIENConfig, item_features: dict[str, Tensor] | None = None):
-        super().__init__()
+        super().__init__(config, item_features)
         c = config
-        self.config = c
-        self.items = ItemEncoder(c, item_features)
-        self.profile = ProfileEncoder(c)
         D = self.items.out_dim
         G = c.gru_hidden or D
         self.extractor = nn.GRU(D, G, batch_first=True)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from retrieval.layers import ActivationUnit, act_mlp
-from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 
 @dataclass
@@ -49,10 +49,7 @@ class DIN(ClickModel):
     """Deep Interest Network: candidate-activated sum of behaviours -> MLP -> one logit."""
 
     def __init__(self, config: DINConfig, item_features: dict[str, Tensor] | None = None):
-        super().__init__()
-        self.config = config
-        self.items = ItemEncoder(config, item_features)
-        self.profile = ProfileEncoder(config)
+        super().__init__(config, item_features)
         D = self.items.out_dim
         self.attention = ActivationUnit(D, config.att_hidden, config.att_act)
         self.mlp = act_mlp(2 * D + self.profile.out_dim, config.hidden, config.act)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.layers import ActivationUnit, act_mlp, masked_softmax
-from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 
 @dataclass
@@ -172,10 +172,7 @@ class DMIN(ClickModel):
     """Deep Multi-Interest Network: refiner (+ aux loss) -> H_E interests -> MLP -> one logit."""
 
     def __init__(self, config: DMINConfig, item_features: dict[str, Tensor] | None = None):
-        super().__init__()
-        self.config = config
-        self.items = ItemEncoder(config, item_features)
-        self.profile = ProfileEncoder(config)
+        super().__init__(config, item_features)
         D = self.items.out_dim
         for name, heads in [("refiner_heads", config.refiner_heads), ("extractor_heads", config.extractor_heads)]:
             if heads < 1 or D % heads:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from retrieval.layers import TargetAttention, masked_softmax, act_mlp
-from retrieval.ranking.common import ClickModel, ItemEncoder, ProfileEncoder, RankBatch, RankerConfig
+from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 from retrieval.ranking.sessions import DEFAULT_GAP
 
 
@@ -102,11 +102,8 @@ class DSIN(ClickModel):
     """Bias encoding + per-session transformer + Bi-LSTM over sessions + two target attentions + MLP."""
 
     def __init__(self, config: DSINConfig, item_features: dict[str, Tensor] | None = None):
-        super().__init__()
+        super().__init__(config, item_features)
         c = config
-        self.config = c
-        self.items = ItemEncoder(c, item_features)
-        self.profile = ProfileEncoder(c)
         D = self.items.out_dim
         Hl = c.lstm_hidden or D
         self.bias = BiasEncoding(c.sessions, c.session_len, D)
