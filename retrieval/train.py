@@ -71,6 +71,14 @@ def _optimizers(model: MIND, lr: float) -> list[torch.optim.Optimizer]:
     return opts
 
 
+def seeded(seed: int, threads: int = 0) -> np.random.Generator:
+    """Seed torch (and fix its thread count when given) and return a numpy generator from the same seed."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
 def train(
     ds: Dataset,
     split: Split,
@@ -81,10 +89,7 @@ def train(
     show_progress: bool = True,
 ) -> TrainResult:
     """Train MIND on the split's train users; validate on its validation users after each epoch."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded(config.seed, config.threads)
     model = MIND(model_config, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
     opts = _optimizers(model, config.lr)
 

@@ -18,7 +18,6 @@ Shapes: B batch, L history length, D = dim * (1 + F) item representation.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from retrieval.layers import act_mlp
@@ -40,10 +39,7 @@ class EmbeddingMLP(ClickModel):
         e = self.items(history)  # (B, L, D), zero on padding
         pooled = e.sum(1)  # (B, D)
         cand = self.items(batch.candidate)  # (B, D)
-        parts = [pooled, cand]
-        if self.profile.out_dim:
-            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        return self.mlp_logit([pooled, cand], batch)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from retrieval.layers import ActivationUnit, act_mlp
@@ -67,10 +66,7 @@ class DIN(ClickModel):
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
         pooled, _, cand = self.interest(batch)
-        parts = [pooled, cand]
-        if self.profile.out_dim:
-            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        return self.mlp_logit([pooled, cand], batch)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""

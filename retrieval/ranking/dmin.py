@@ -197,10 +197,7 @@ class DMIN(ClickModel):
     def _logit(self, batch: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
         cand = self.items(batch.candidate)  # (B, D)
         interests, _ = self.extractor(z, cand, batch.mask, allowed)  # (B, H_E, D)
-        parts = [interests.flatten(1), cand]  # (B, H_E * D), (B, D)
-        if self.profile.out_dim:
-            parts.append(self.profile(batch.user_features, len(cand)))  # (B, dim * F_user)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        return self.mlp_logit([interests.flatten(1), cand], batch)  # (B, H_E * D), (B, D)
 
     def refine(self, batch: RankBatch) -> Tensor:
         """Refined behaviours z (B, L, D) (values at padded positions are meaningless)."""

@@ -19,6 +19,7 @@ from retrieval.progress import progress_bar
 from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, protocol_pairs
 from retrieval.ranking.models import Ranker, build_ranker, needs
 from retrieval.samples import training_positions
+from retrieval.train import seeded
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,7 @@ def train_ranker(
     show_progress: bool = True,
 ) -> RankTrainResult:
     """Train the configured ranker; `on_improve(model, history)` runs whenever validation AUC improves."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rng = seeded(config.seed, config.threads)
     model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
                          **config.settings)
     spec = needs(model)
