@@ -105,6 +105,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
     merge: Annotated[str, typer.Option(help="Merge of interests for validation: best or share.")] = "best",
+    max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
 ) -> None:
     """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
     from retrieval.data import DataSpec, load_dataset, split_users
@@ -119,7 +120,7 @@ def train(
     cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
                            pow=pow, attention="hard" if hard_attention else "power", seed=seed)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, merge=merge)
+                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps)
     result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
     typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
                f"{result.samples_per_s:,.0f} samples/s")

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_n: int = 50  # N of the validation Recall@N that early stopping follows
     merge: str = "best"  # how interests' results are merged for validation and serving
     threads: int = 0  # torch threads; 0 = leave torch's default
+    max_steps: int = 0  # cap on steps per epoch (benchmarks, smoke runs); 0 = the whole epoch
 
 
 @dataclass
@@ -107,6 +108,9 @@ def train(
         model.train()
         order = rng.permutation(len(users))
         steps = (len(order) + config.batch_size - 1) // config.batch_size
+        if config.max_steps:
+            steps = min(steps, config.max_steps)
+            order = order[: steps * config.batch_size]
         t0, loss_sum = time.perf_counter(), 0.0
         with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
             for s in range(steps):

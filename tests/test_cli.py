@@ -67,6 +67,17 @@ def test_train_reports_the_bundle(bundle_k4):
     assert config["train"]["negatives"] == 64 and config["train"]["epochs"] == 1
 
 
+def test_train_max_steps_caps_each_epoch(invoke, tiny_data, tmp_path):
+    out = tmp_path / "capped"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--epochs", "2",
+                    "--dim", "8", "--negatives", "16", "--batch-size", "8", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "manifest.json").read_text())["history"]
+    assert len(history) == 2
+    # 3 steps of 8 windows each: the rate is over exactly 24 samples per epoch
+    assert all(abs(h["samples_per_s"] * h["seconds"] - 24) < 1e-6 for h in history)
+
+
 def test_query_table(invoke, bundle_k4, index_k4, small_data):
     seen = history(small_data, USER)
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "-n", "7")
