@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -100,19 +101,38 @@ class ActivationUnit(nn.Module):
     padded behaviours weigh exactly zero. The MLP only sees real positions, so Dice's batch
     statistics never include padding. The query is one candidate per row (B, D), or one
     query per behaviour (B, L, D) (DMIN's candidate ⊕ position encoding).
+
+    The first layer is the paper's linear map of the 4D-wide input, W [k, q, k-q, k⊙q] + b,
+    computed as (W_k + W_d) k + (W_q - W_d) q + W_p (k⊙q) + b: the same function and the
+    same parameters, but the q term is computed once per row (B, ·) rather than once per
+    behaviour and the (B, L, 4D) input is never built (half the first layer's work in DIN).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (36,), act: Activation = "dice"):
         super().__init__()
+        self.dim = dim
         self.mlp = act_mlp(4 * dim, hidden, act)
 
     def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """keys (B, L, D), query (B, D) or (B, L, D), mask (B, L) -> pooled (B, D), weights (B, L)."""
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
+        Wk, Wq, Wd, Wp = first.weight.split(self.dim, dim=1)  # (H1, D) each: k, q, k - q, k ⊙ q blocks
+        per_query = F.linear(query, Wq - Wd, first.bias)  # (B, H1) or (B, L, H1)
+        if query.dim() == 2:
+            query, per_query = query.unsqueeze(1), per_query.unsqueeze(1)  # (B, 1, D), (B, 1, H1)
+        k = keys[mask]  # (n_real, D)
+        q = query.expand_as(keys)[mask]  # (n_real, D)
+        x = torch.cat([k, k * q], dim=-1)  # (n_real, 2D)
+        h = F.linear(x, torch.cat([Wk + Wd, Wp], dim=1)) + per_query.expand(*mask.shape, -1)[mask]  # (n_real, H1)
+        w = keys.new_zeros(mask.shape)  # (B, L)
+        w = w.masked_scatter(mask, self.mlp[1:](h).squeeze(-1).to(w.dtype))
+        return (w.unsqueeze(-1) * keys).sum(1), w
+
+    def reference(self, keys: Tensor, query: Tensor, mask: Tensor) -> Tensor:
+        """The weights (B, L) by the paper's formula, the MLP over the concatenated 4D input (for tests)."""
         q = query.unsqueeze(1).expand_as(keys) if query.dim() == 2 else query  # (B, L, D)
         x = torch.cat([keys, q, keys - q, keys * q], dim=-1)[mask]  # (n_real, 4D)
-        w = keys.new_zeros(mask.shape)  # (B, L)
-        w = w.masked_scatter(mask, self.mlp(x).squeeze(-1).to(w.dtype))
-        return (w.unsqueeze(-1) * keys).sum(1), w
+        return keys.new_zeros(mask.shape).masked_scatter(mask, self.mlp(x).squeeze(-1))
 
 
 class TargetAttention(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.layers import Dice, activation
+from retrieval.layers import ActivationUnit, Dice, activation
 from retrieval.ranking.base import EmbeddingMLP
 from retrieval.ranking.common import RankBatch, RankerConfig, feature_frequencies, mba_l2
 from retrieval.ranking.din import DIN, DINConfig
@@ -199,6 +199,23 @@ def test_din_weights_are_not_softmax_normalised():
     assert not torch.allclose(w2.sum(1), torch.ones(2))
     torch.testing.assert_close(w2[0, 1], w2[0, 0])  # the same behaviour, the same weight
     torch.testing.assert_close(p2[0], 2 * p1[0])  # clicking it twice doubles the interest
+
+
+@pytest.mark.parametrize("act", ["dice", "sigmoid"])
+@pytest.mark.parametrize("per_behaviour_query", [False, True])
+def test_activation_unit_equals_the_mlp_over_the_concatenated_input(act, per_behaviour_query):
+    """The split first layer is the paper's W [k, q, k-q, k⊙q] + b, in train and eval mode."""
+    torch.manual_seed(0)
+    unit = ActivationUnit(8, (12, 6), act)
+    keys = torch.randn(5, 7, 8)
+    query = torch.randn(5, 7, 8) if per_behaviour_query else torch.randn(5, 8)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+    for train in (True, False):
+        unit.train(train)
+        _, w = unit(keys, query, mask)
+        torch.testing.assert_close(w, unit.reference(keys, query, mask), rtol=1e-5, atol=1e-6)
+        assert torch.equal(w[~mask], torch.zeros(int((~mask).sum())))
 
 
 # ---------------------------------------------------------------- DMIN

@@ -81,12 +81,6 @@ class ItemEncoder(nn.Module):
             rows.append((m.emb, getattr(self, f"feat_{f}")[ids].reshape(-1)))
         return rows
 
-    def mlp_logit(self, parts: list[Tensor], batch: RankBatch) -> Tensor:
-        """Logits (B,) of self.mlp over the parts ⊕ the profile embedding (when there is a profile)."""
-        if self.profile.out_dim:
-            parts = [*parts, self.profile(batch.user_features, len(parts[0]))]  # (B, dim * F_user)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
-
     def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:
         """Store the training frequency n_j of every embedding row, the 1/n_j of `mba_l2`.
 

@@ -2,8 +2,9 @@
 (Zhou et al., AAAI 2019, arXiv:1809.03672).
 
 1. Interest extractor (section 4.2): a GRU over the behaviour embeddings e_1..e_L gives
-   one interest state h_t per behaviour. Histories are left-aligned; the GRU runs on a
-   packed sequence, so padding never moves a state.
+   one interest state h_t per behaviour. Histories are left-aligned, so the GRU meets every
+   real behaviour before any padding: its states at real steps are exactly those of the
+   unpadded sequence (no packing needed), and the states at padded steps are zeroed.
 2. Auxiliary loss (eq. 6): h_t must score the real next behaviour e_{t+1} above a
    sampled behaviour the user never touched ê_{t+1} (batch.neg_history):
    L_aux = -mean over t with t, t+1 real of [log σ(h_t·e_{t+1}) + log(1 - σ(h_t·ê_{t+1}))].
@@ -36,7 +37,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from retrieval.layers import TargetAttention, act_mlp
 from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
@@ -110,9 +110,7 @@ class DIEN(ClickModel):
         """Interest extractor: e (B, L, D), left-aligned mask (B, L) -> h (B, L, G), 0 on padding."""
         if (mask[:, 1:] & ~mask[:, :-1]).any():
             raise ValueError("history mask must be left-aligned: real behaviours first, padding after")
-        lengths = mask.sum(1).clamp(min=1).cpu()  # an empty row runs one (masked) step
-        packed = pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
-        h, _ = pad_packed_sequence(self.extractor(packed)[0], batch_first=True, total_length=e.shape[1])
+        h, _ = self.extractor(e)  # (B, L, G): real steps come first, so padding cannot reach them
         return h * mask.unsqueeze(-1)  # (B, L, G)
 
     def evolve(self, h: Tensor, a: Tensor, mask: Tensor) -> Tensor:

@@ -131,12 +131,22 @@ class InterestHead(nn.Module):
         self.unit = ActivationUnit(dim, config.att_hidden, config.att_act)
         self.att_norm = config.att_norm
 
-    def forward(self, head: Tensor, z: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """head (B, L, D/H), z (B, L, D), query (B, L, D + P) candidate ⊕ position, mask (B, L)
+    def attention_query(self, cand: Tensor, position: Tensor | None) -> Tensor:
+        """W_q [x_t ⊕ p_j] + b for every row and position: cand (B, D), position (L, P) or None
+        -> (B, L, D), or (B, D) without positions. Computed as W_c x_t + W_p p_j, so the
+        (B, L, D + P) concatenation is never built."""
+        D = cand.shape[-1]
+        q = F.linear(cand, self.query.weight[:, :D], self.query.bias)  # (B, D)
+        if position is None:
+            return q
+        return q.unsqueeze(1) + F.linear(position, self.query.weight[:, D:]).unsqueeze(0)  # (B, L, D)
+
+    def forward(self, head: Tensor, z: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """head (B, L, D/H), z (B, L, D), cand (B, D), position (L, P) encodings or None, mask (B, L)
         -> interest (B, D), weights (B, L) (0 on padding)."""
         i = self.norm(z + self.out(head))  # (B, L, D)
         i = (i + self.ffn(i)) * mask.unsqueeze(-1)  # (B, L, D), zero on padding
-        interest, w = self.unit(i, self.query(query), mask)  # (B, D), (B, L)
+        interest, w = self.unit(i, self.attention_query(cand, position), mask)  # (B, D), (B, L)
         if self.att_norm == "softmax":
             w = masked_softmax(w, mask, dim=1)  # (B, L)
             interest = (w.unsqueeze(-1) * i).sum(1)  # (B, D)
@@ -158,13 +168,10 @@ class MultiInterestExtractor(nn.Module):
     def forward(self, z: Tensor, cand: Tensor, mask: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
         """z (B, L, D), cand (B, D), mask (B, L), allowed (B, L, L) -> interests (B, H_E, D),
         weights (B, H_E, L)."""
-        B, L, D = z.shape
+        L = z.shape[1]
         h = multi_head_attention(z, self.qkv, self.n_heads, allowed)  # (B, H_E, L, D/H_E)
-        query = [cand.unsqueeze(1).expand(B, L, D)]  # (B, L, D)
-        if self.position is not None:
-            query.append(self.position.weight[:L].unsqueeze(0).expand(B, L, D))  # (B, L, D)
-        query = torch.cat(query, dim=-1)  # (B, L, D + P)
-        out = [head(h[:, k], z, query, mask) for k, head in enumerate(self.heads)]  # H_E heads
+        position = self.position.weight[:L] if self.position is not None else None  # (L, P)
+        out = [head(h[:, k], z, cand, position, mask) for k, head in enumerate(self.heads)]  # H_E heads
         return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
 
 
