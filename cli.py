@@ -313,7 +313,7 @@ def train_ranker_cmd(
     cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
                           negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
                           dim=dim, max_len=max_len)
-    hard = hard_negatives(b, candidates) if negative_source == "retrieval" else None
+    hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
 
     def save(m, history):  # rewrite the best ranker so far, atomically
         save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
@@ -390,6 +390,7 @@ def experiment_rankers(
     epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs.")] = 10,
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
+    jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
@@ -408,7 +409,8 @@ def experiment_rankers(
     spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
     ds = load_dataset(spec)
     report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates)
+                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
+                                   on_seed=lambda partial: atomic_write_json(out, partial))
     atomic_write_json(out, report)
     typer.echo(format_ranker_table(report))
     typer.echo(f"report: {out}")

@@ -5,6 +5,10 @@ interest vectors are searched in one call over all users (`search_interests`), t
 user's K result lists are merged into one top-n list (`merge_interests`), the way
 faiss.contrib.exhaustive_search merges result blocks: best score per item, duplicates and
 -1 ids dropped. Names around faiss calls are faiss's own: nq, d, k, results D, I.
+
+`search_top_n` is the serving call: it searches only as deep as the history exclusion
+needs (n + a bounded slack, then a second call for the few interest lists that the
+exclusion emptied), instead of n + the longest history for everyone.
 """
 
 from __future__ import annotations
@@ -138,6 +142,12 @@ def load_index(
         raise ArtifactError(
             f"{path}: not an inner-product index (faiss metric {index.metric_type})"
         )
+    name, value = manifest.get("search_param"), manifest.get("search_value")
+    if name is not None:  # the setting chosen by build-index --target-recall
+        try:
+            set_search_param(index, name, value)
+        except RetrievalError as err:
+            raise ArtifactError(f"{index_dir}: manifest {err}") from None
     return index, manifest
 
 
@@ -149,6 +159,17 @@ def set_search_param(index: faiss.Index, name: str, value: float) -> None:
         raise RetrievalError(
             f"search parameter {name}={value} does not apply to a {type(index).__name__} index"
         ) from None
+
+
+def search_param_name(index: faiss.Index) -> str | None:
+    """The search-time parameter that trades speed for recall: "nprobe" for an IVF index,
+    "efSearch" for an HNSW index (inside any pre-transform or refinement), else None (Flat,
+    PQ, ...: nothing to tune)."""
+    if _nlist(index) is not None:
+        return "nprobe"
+    if isinstance(_innermost(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
 
 
 def search_interests(

@@ -198,7 +198,7 @@ def test_training_pairs_draw_hard_negatives_from_the_given_lists(small):
 
 def test_hard_negatives_are_each_train_users_retrieval_top_m(small, invoke, bundle_k4, index_k4):
     ds, split = small.dataset, small.split
-    hard = hard_negatives(small, 30)
+    hard = hard_negatives(small.model, ds, split, 30)
     assert set(hard) == set(split.train_users.tolist())
     touched = TouchedItems(ds)
     for u, items in hard.items():
@@ -540,17 +540,30 @@ def test_experiment_rankers_report_with_variants(invoke, tmp_path):
     data = generate(tmp_path / "data", SyntheticConfig(n_users=60, n_items=150, n_topics=6, n_categories=3, max_len=40, mean_len=30.0, seed=5))
     out = tmp_path / "rankers.json"
     result = invoke("experiment-rankers", "--interactions", data["interactions"], "--items", data["items"],
-                    "--users", data["users"], "--seeds", "2026,2027", "--rankers", "base,dien:evolution=agru;aux_weight=0",
-                    "--epochs", "1", "--candidates", "60", "--out", out)
+                    "--users", data["users"], "--seeds", "2026,2027", "--rankers",
+                    "base,dien:evolution=agru;aux_weight=0,base:negative_source=retrieval",
+                    "--epochs", "1", "--candidates", "60", "--jobs", "2", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert list(report["rankers"]) == ["base", "dien:evolution=agru;aux_weight=0"]
-    assert len(report["per_seed"]) == 2
+    assert list(report["rankers"]) == ["base", "dien:evolution=agru;aux_weight=0", "base:negative_source=retrieval"]
+    assert [s["split_seed"] for s in report["per_seed"]] == [2026, 2027] and report["complete"]
+    assert report["jobs"] == 2 and "one torch thread per job" in report["timing_note"]
     for row in report["rankers"].values():
         assert 0 <= row["auc"]["mean"] <= 1 and row["auc"]["std"] >= 0
         assert row["candidates_per_s"]["mean"] > 0
     variant = report["per_seed"][0]["rankers"]["dien:evolution=agru;aux_weight=0"]
     assert variant["two_stage_ndcg@20"] >= 0
+
+
+def test_variant_settings_split_into_training_and_model_fields():
+    from retrieval.ranking.experiment import parse_variant, variant_config
+
+    label, name, settings = parse_variant("dien:evolution=agru;negative_source=retrieval;lr=0.002")
+    cfg = variant_config(RankTrainConfig(epochs=3), name, settings)
+    assert (cfg.model, cfg.negative_source, cfg.lr, cfg.epochs) == ("dien", "retrieval", 0.002, 3)
+    assert cfg.settings == {"evolution": "agru"}
+    with pytest.raises(ValueError, match="bad ranker setting negative_source='hard' in 'din:negative_source=hard'"):
+        parse_variant("din:negative_source=hard")
 
 
 def test_experiment_rankers_rejects_unknown_variants(invoke, tmp_path):

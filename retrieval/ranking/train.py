@@ -159,12 +159,12 @@ def config_dict(config: RankTrainConfig) -> dict[str, Any]:
 
 
 
-def hard_negatives(bundle: Any, m: int) -> dict[int, np.ndarray]:
-    """Each training user's top-m retrieval candidates (never touched by them): hard negatives."""
+def hard_negatives(model: Any, ds: Dataset, split: Split, m: int) -> dict[int, np.ndarray]:
+    """Each training user's top-m retrieval candidates from the MIND `model` (never touched by
+    them): hard negatives."""
     from retrieval.evaluate import exact_index
     from retrieval.recommend import recommend
 
-    ds, split = bundle.dataset, bundle.split
     users = split.train_users
-    rec = recommend(bundle.model, ds, exact_index(bundle.model), users, split.history_len[users], m)
+    rec = recommend(model, ds, exact_index(model), users, split.history_len[users], m)
     return {int(u): row[row > 0] for u, row in zip(users, rec.items)}
