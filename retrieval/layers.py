@@ -63,7 +63,7 @@ class Dice(nn.Module):
         shape = s.shape
         flat = s.reshape(-1, shape[-1])  # (B*, dim)
         p = torch.sigmoid(self.bn(flat)).reshape(shape)
-        return p * s + (1 - p) * self.alpha * s
+        return s * (self.alpha + p * (1 - self.alpha))  # = p s + (1 - p) alpha s, in three passes instead of five
 
 
 Activation = str  # "dice" | "prelu" | "relu" | "sigmoid"

@@ -71,8 +71,15 @@ class ItemEncoder(nn.Module):
             self.register_buffer(f"count_{f}", torch.ones(n))
 
     def forward(self, ids: Tensor) -> Tensor:
-        parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]
-        return torch.cat(parts, dim=-1) * (ids != 0).unsqueeze(-1)
+        """ids (...) item indices, 0 = padding -> (..., D_item), zero on padding.
+
+        Each distinct item of the call is encoded once and then gathered: a (B, L) history
+        repeats items, and pooling multi-valued features per position costs far more than
+        one sort. Same values and gradients as encoding every position."""
+        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
+        parts = [self.id(uniq)] + [m(getattr(self, f"feat_{f}")[uniq]) for f, m in self.fields.items()]
+        rep = torch.cat(parts, dim=-1) * (uniq != 0).unsqueeze(-1)  # (U, D_item)
+        return rep[inverse]  # (..., D_item)
 
     def embedding_rows(self, ids: Tensor) -> list[tuple[nn.Embedding, Tensor]]:
         """(table, row ids) pairs that `ids` touches, for the mini-batch-aware regulariser."""
