@@ -19,16 +19,30 @@ The planted structure:
 - Timestamps: 30 s - 10 min between items of a session, more than 30 min (median
   about 8 h, up to weeks) between sessions, starting in the first two weeks of 2024.
 
-Everything comes from one `numpy.random.default_rng(seed)`, so a seed fixes the
-output byte for byte.
+Everything comes from one `numpy.random.default_rng(seed)`, so a seed (and the method)
+fixes the output byte for byte.
+
+Two methods draw the same planted structure. `per_user` (the default, the quickstart
+and test data) walks each user's timeline in Python: exact, but about 2.5 ms a user and
+O(items) per user, so hopeless at a million users and items. `vectorised` draws every
+user of a block of CHUNK_USERS at once with numpy (inverse-CDF lookups for topics and
+items, a redraw loop for repeats): a 50M-interaction log in minutes. It needs every topic
+to hold a whole timeline (max_len <= items per topic), so a topic never runs out and a
+session always runs to its drawn length; otherwise the laws are the per-user method's.
+Logs are written as CSV or Parquet (`fmt`), with the same content.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -44,6 +58,10 @@ CATEGORY_NAMES = ("news", "sports", "music", "movies", "tech", "food", "travel",
 
 WITHIN_GAP_S = (30, 600)  # seconds between items of one session, inclusive
 SESSION_GAP_MIN_S = 1800  # every gap between sessions is longer than this (30 minutes)
+CHUNK_USERS = 65_536  # users drawn at once by the vectorised method; part of what a seed produces
+
+Method = Literal["per_user", "vectorised"]
+Format = Literal["csv", "parquet"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class SyntheticConfig:
     topic_zipf: float = 0.5  # Zipf exponent of topic popularity (how often a topic is an interest)
     profile_strength: float = 0.7  # how strongly (age, gender) tilts the choice of interests
     start_ts: int = 1704067200  # 2024-01-01T00:00:00Z; users start within 14 days after it
+    method: Method = "per_user"  # per_user: exact Python walk per user; vectorised: numpy, for millions of users
 
     def __post_init__(self) -> None:
         """Validate where the config arrives, naming the bad value."""
@@ -104,6 +123,13 @@ class SyntheticConfig:
             raise ValueError(f"noise must be in [0, 1), got {self.noise}")
         if self.interest_concentration <= 0:
             raise ValueError(f"interest_concentration must be > 0, got {self.interest_concentration}")
+        if self.method not in ("per_user", "vectorised"):
+            raise ValueError(f"method must be 'per_user' or 'vectorised', got {self.method!r}")
+        if self.method == "vectorised" and self.max_len > self.n_items // self.n_topics:
+            raise ValueError(
+                f"method='vectorised' needs max_len <= items per topic ({self.n_items // self.n_topics}), "
+                f"got max_len={self.max_len}; use fewer topics or a shorter max_len"
+            )
 
 
 def user_id(i: int) -> str:
@@ -125,12 +151,19 @@ def _gumbel_order(rng: np.random.Generator, log_w: np.ndarray) -> np.ndarray:
     return np.argsort(-(log_w + rng.gumbel(size=log_w.shape)), kind="stable")
 
 
+def _topic_members(item_topic: np.ndarray, n_topics: int) -> list[np.ndarray]:
+    """Item indices of each topic, ascending: np.flatnonzero(item_topic == t) for every t,
+    from one stable sort instead of n_topics scans of all items."""
+    by_topic = np.argsort(item_topic, kind="stable")  # (N,)
+    bounds = np.searchsorted(item_topic[by_topic], np.arange(n_topics + 1))  # (n_topics + 1,)
+    return [by_topic[bounds[t] : bounds[t + 1]] for t in range(n_topics)]
+
+
 def _plant_items(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Topic of each item (N,), log popularity within its topic (N,), topic popularity (n_topics,)."""
     item_topic = rng.permutation(cfg.n_items) % cfg.n_topics  # (N,) equal sizes, random membership
     log_w_in_topic = np.empty(cfg.n_items)  # (N,)
-    for t in range(cfg.n_topics):
-        members = np.flatnonzero(item_topic == t)
+    for t, members in enumerate(_topic_members(item_topic, cfg.n_topics)):
         rank = rng.permutation(members.size)  # 0 = most popular
         log_w_in_topic[members] = -cfg.item_zipf * np.log1p(rank)
         log_w_in_topic[members] -= np.log(np.exp(log_w_in_topic[members]).sum())  # normalise per topic
@@ -229,8 +262,11 @@ def _timeline(
     return items, sessions
 
 
-def _timestamps(rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray, session: np.ndarray) -> np.ndarray:
-    """Unix seconds per row (rows grouped by user, in order): short gaps in a session, long ones between."""
+def _timestamps(
+    rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray, session: np.ndarray, n_users: int
+) -> np.ndarray:
+    """Unix seconds per row (rows grouped by user 0..n_users-1, in order): short gaps in a
+    session, long ones between."""
     n = user.size
     first = np.ones(n, dtype=bool)
     first[1:] = user[1:] != user[:-1]
@@ -238,7 +274,7 @@ def _timestamps(rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray
     new_session[1:] = session[1:] != session[:-1]
     within = rng.integers(WITHIN_GAP_S[0], WITHIN_GAP_S[1] + 1, size=n)
     between = SESSION_GAP_MIN_S + 1 + np.minimum(rng.lognormal(np.log(8 * 3600), 1.0, size=n), 30 * 86400)
-    start = rng.integers(0, 14 * 86400, size=cfg.n_users)
+    start = rng.integers(0, 14 * 86400, size=n_users)
     gap = np.where(new_session, between.astype(np.int64), within)
     gap[first] = start[user[first]]
     total = np.cumsum(gap)  # (n,) running sum over all users
@@ -246,28 +282,217 @@ def _timestamps(rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray
     return cfg.start_ts + total - offset
 
 
-def _csv(df: pl.DataFrame) -> bytes:
-    return df.write_csv().encode()
+# ---------------------------------------------------------------------------- the vectorised method
 
 
-def generate(out_dir: Path, config: SyntheticConfig = SyntheticConfig()) -> dict[str, Path]:
-    """Write interactions.csv, items.csv, users.csv and planted.json into out_dir; return their paths by name.
+@dataclass(frozen=True)
+class _Popularity:
+    """Inverse-CDF tables to draw items by popularity, within one topic or over all items."""
 
-    interactions.csv holds user_id,item_id,timestamp grouped by user in time order;
-    items.csv item_id,title,category for every item; users.csv user_id,age,gender;
-    planted.json {"item_topic": {item_id: topic}, "user_topics": {user_id: [topics, heaviest first]}}.
+    by_topic: np.ndarray  # (N,) item indices grouped by topic, ascending within a topic
+    topic_start: np.ndarray  # (n_topics + 1,) where each topic's block starts in by_topic
+    topic_cum: np.ndarray  # (N,) topic + cumulative within-topic probability, in by_topic order
+    global_cum: np.ndarray  # (N,) cumulative popularity over all items, in item order; ends at 1
+
+
+def _popularity(item_topic: np.ndarray, log_w_in_topic: np.ndarray, log_w_global: np.ndarray,
+                n_topics: int) -> _Popularity:
+    """Build the tables once: each topic's block of topic_cum runs over (t, t + 1], so a
+    draw t + u, u ~ U[0, 1), lands in topic t and on item i with its popularity in t."""
+    by_topic = np.argsort(item_topic, kind="stable")  # (N,)
+    start = np.searchsorted(item_topic[by_topic], np.arange(n_topics + 1))  # (n_topics + 1,)
+    sizes = np.diff(start)  # (n_topics,)
+    w = np.exp(log_w_in_topic[by_topic])  # (N,)
+    cum = np.cumsum(w)
+    within = cum - np.repeat(cum[start[:-1]] - w[start[:-1]], sizes)  # restart the sum at each topic
+    within /= np.repeat(within[start[1:] - 1], sizes)  # each topic's last entry is exactly 1
+    g = np.cumsum(np.exp(log_w_global))
+    return _Popularity(by_topic, start, item_topic[by_topic] + within, g / g[-1])
+
+
+def _draw_items(rng: np.random.Generator, pop: _Popularity, topic: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """One item per row (R,): by popularity within the row's topic, or over all items where `noise`."""
+    u = rng.random(topic.size)  # (R,)
+    pos = np.searchsorted(pop.topic_cum, topic + u, side="right")
+    pos = np.clip(pos, pop.topic_start[topic], pop.topic_start[topic + 1] - 1)  # guards float rounding
+    item = pop.by_topic[pos]
+    item[noise] = np.minimum(np.searchsorted(pop.global_cum, u[noise], side="right"), pop.global_cum.size - 1)
+    return item
+
+
+def _in_sorted(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(R,) bool: which keys occur in the sorted 1-D table."""
+    if table.size == 0:
+        return np.zeros(keys.size, dtype=bool)
+    at = np.minimum(np.searchsorted(table, keys), table.size - 1)
+    return table[at] == keys
+
+
+def _items_without_repeats(
+    rng: np.random.Generator, pop: _Popularity, user: np.ndarray, topic: np.ndarray, noise: np.ndarray
+) -> np.ndarray:
+    """Items for rows (user, topic, noise), never the same item twice for a user.
+
+    Every row draws by popularity; a row that repeats an item an earlier row of its user
+    holds draws again, until no repeat is left. A redraw that rejects the user's taken
+    items samples from the popularity renormalised over the rest: the law of drawing
+    without replacement. It ends because a topic holds a whole timeline (the config checks).
     """
-    cfg = config
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(cfg.seed)
+    n_items = pop.by_topic.size
+    item = _draw_items(rng, pop, topic, noise)  # (R,)
+    key = user.astype(np.int64) * n_items + item  # (R,) one key per (user, item)
+    taken, first = np.unique(key, return_index=True)  # sorted keys; the first row holding each
+    redo = np.ones(key.size, dtype=bool)
+    redo[first] = False
+    todo = np.flatnonzero(redo)  # rows to draw again, in row order
+    extra = np.zeros(0, dtype=np.int64)  # sorted keys taken by redraws
+    while todo.size:
+        item[todo] = _draw_items(rng, pop, topic[todo], noise[todo])
+        k = user[todo].astype(np.int64) * n_items + item[todo]
+        _, first = np.unique(k, return_index=True)  # among the redraws, the first row keeps a key
+        keep = np.zeros(k.size, dtype=bool)
+        keep[first] = True
+        keep &= ~(_in_sorted(k, taken) | _in_sorted(k, extra))
+        extra = np.sort(np.concatenate([extra, k[keep]]))
+        todo = todo[~keep]
+    return item
 
+
+def _plant_users_vectorised(
+    rng: np.random.Generator, cfg: SyntheticConfig, topic_pop: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Age (U,), gender (U,), interest topics (U, K) and weights (U, K), heaviest first; -1 / 0 pad.
+
+    The per-user method's laws without a Python loop: topics are a weighted draw without
+    replacement, done as repeated draws with replacement keeping first occurrences (the
+    same law), from the (age, gender) group's distribution; weights are Dirichlet, drawn
+    as normalised Gamma variables."""
+    U, T = cfg.n_users, cfg.n_topics
+    age = rng.choice(len(AGE_BUCKETS), size=U, p=AGE_PROBS)  # (U,)
+    gender = rng.integers(0, len(GENDERS), size=U)  # (U,)
+    group = age * len(GENDERS) + gender  # (U,)
+    n_groups = len(AGE_BUCKETS) * len(GENDERS)
+    tilt = cfg.profile_strength * rng.standard_normal((n_groups, T))
+    p = topic_pop[None, :] * np.exp(tilt)  # (G, T) unnormalised
+    cum = np.cumsum(p, axis=1)
+    cum = (cum / cum[:, -1:] + np.arange(n_groups)[:, None]).ravel()  # (G T,) group g's block runs over (g, g + 1]
+    counts = rng.choice(np.asarray(cfg.interest_counts), size=U, p=cfg.interest_count_probs)  # (U,)
+    K = int(max(cfg.interest_counts))
+    topics = np.full((U, K), -1, dtype=np.int64)
+    have = np.zeros(U, dtype=np.int64)  # (U,) distinct topics chosen so far
+    todo = np.arange(U)
+    while todo.size:  # rounds of 3K draws; a user short of distinct topics goes again
+        g = group[todo]
+        draws = np.searchsorted(cum, g[:, None] + rng.random((todo.size, 3 * K)), side="right")
+        draws = np.clip(draws - g[:, None] * T, 0, T - 1)  # (R, 3K) topic ids
+        for j in range(3 * K):
+            t = draws[:, j]
+            new = (have[todo] < counts[todo]) & ~(topics[todo] == t[:, None]).any(1)
+            rows = todo[new]
+            topics[rows, have[rows]] = t[new]
+            have[rows] += 1
+        todo = todo[have[todo] < counts[todo]]
+    used = np.arange(K)[None, :] < counts[:, None]  # (U, K)
+    gam = rng.standard_gamma(cfg.interest_concentration, size=(U, K)) * used
+    weights = gam / gam.sum(1, keepdims=True)  # (U, K) Dirichlet over the used slots
+    by_weight = np.argsort(np.where(used, -weights, np.inf), axis=1, kind="stable")  # heaviest first, padding last
+    topics = np.take_along_axis(topics, by_weight, 1)
+    weights = np.take_along_axis(weights, by_weight, 1)
+    return age, gender, topics, weights
+
+
+def _sessions(rng: np.random.Generator, cfg: SyntheticConfig, lengths: np.ndarray) -> np.ndarray:
+    """Session number (0, 1, ...) of each row, rows grouped by user: sessions of
+    1 + Poisson(session_mean - 1) behaviours, the last cut at the user's length."""
+    E = int(lengths.sum())
+    size = 1 + rng.poisson(cfg.session_mean - 1, size=E)  # (E,) enough: every session holds a row
+    first_row = np.cumsum(lengths) - lengths  # (U,)
+    end = np.cumsum(size)
+    end -= np.repeat(end[first_row] - size[first_row], lengths)  # running sum restarted per user
+    start = end - size  # (E,) where each drawn session would start in its user's timeline
+    real = start < np.repeat(lengths, lengths)
+    flag = np.zeros(E, dtype=bool)  # (E,) True on the first row of a session
+    flag[np.repeat(first_row, lengths)[real] + start[real]] = True
+    c = np.cumsum(flag)
+    return c - np.repeat(c[first_row], lengths)
+
+
+def _session_topics(
+    rng: np.random.Generator, n_sessions: np.ndarray, topics: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Topic of every session (sessions grouped by user, in order): the first by weight, each
+    next one by weight among the user's other interests (the same one only for a user with one)."""
+    U, K = weights.shape
+    counts = (topics >= 0).sum(1)  # (U,)
+    first = np.cumsum(n_sessions) - n_sessions  # (U,) index of each user's first session
+    out = np.empty(int(n_sessions.sum()), dtype=np.int64)
+    prev = np.full(U, -1)  # (U,) slot of the previous session's topic
+    for j in range(int(n_sessions.max(initial=0))):
+        act = np.flatnonzero(n_sessions > j)  # (A,) users with a j-th session
+        w = weights[act].copy()  # (A, K)
+        p = prev[act]
+        other = np.flatnonzero((p >= 0) & (counts[act] > 1))
+        w[other, p[other]] = 0.0  # switch to another interest
+        cum = np.cumsum(w, axis=1)
+        u = rng.random(act.size) * cum[:, -1]
+        slot = np.minimum((cum <= u[:, None]).sum(1), counts[act] - 1)  # (A,) first slot with cum > u
+        prev[act] = slot
+        out[first[act] + j] = topics[act, slot]
+    return out
+
+
+def _vectorised_block(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    pop: _Popularity,
+    lengths: np.ndarray,
+    topics: np.ndarray,
+    weights: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a block of users (local index 0..B-1): user (E,), item (E,), timestamp (E,)."""
+    B = lengths.size
+    user = np.repeat(np.arange(B), lengths)  # (E,)
+    session = _sessions(rng, cfg, lengths)  # (E,)
+    first_row = np.cumsum(lengths) - lengths
+    n_sessions = session[first_row + lengths - 1] + 1  # (B,)
+    session_topic = _session_topics(rng, n_sessions, topics, weights)  # (sum n_sessions,)
+    first_session = np.cumsum(n_sessions) - n_sessions  # (B,)
+    topic = session_topic[first_session[user] + session]  # (E,)
+    noise = rng.random(user.size) < cfg.noise
+    item = _items_without_repeats(rng, pop, user, topic, noise)
+    ts = _timestamps(rng, cfg, user, session, B)
+    return user, item, ts
+
+
+# ---------------------------------------------------------------------------- one log, either method
+
+
+@dataclass
+class _Log:
+    """A drawn log before it is written: rows grouped by user in time order, and the plants."""
+
+    user: np.ndarray  # (E,) 0-based user index
+    item: np.ndarray  # (E,) 0-based item index
+    ts: np.ndarray  # (E,) int64 Unix seconds
+    item_topic: np.ndarray  # (N,) planted topic of each item
+    age: np.ndarray  # (U,) index into AGE_BUCKETS
+    gender: np.ndarray  # (U,) index into GENDERS
+    user_topics: list[list[int]]  # each user's interest topics, heaviest first
+
+
+def _lengths(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+    """(U,) timeline lengths: min_len + floor(Exponential), clipped to max_len."""
+    raw_len = cfg.min_len + np.floor(rng.exponential(cfg.mean_len - cfg.min_len, size=cfg.n_users))
+    return np.clip(raw_len, cfg.min_len, cfg.max_len).astype(np.int64)
+
+
+def _per_user_log(rng: np.random.Generator, cfg: SyntheticConfig) -> _Log:
+    """The exact method: each user's timeline walked in Python (the quickstart and test data)."""
     item_topic, log_w_in_topic, topic_pop = _plant_items(rng, cfg)
     log_w_global = log_w_in_topic + np.log(topic_pop)[item_topic]  # (N,)
-    topic_items = [np.flatnonzero(item_topic == t) for t in range(cfg.n_topics)]
+    topic_items = _topic_members(item_topic, cfg.n_topics)
     age, gender, topics, weights = _plant_users(rng, cfg, topic_pop)
-
-    raw_len = cfg.min_len + np.floor(rng.exponential(cfg.mean_len - cfg.min_len, size=cfg.n_users))
-    lengths = np.clip(raw_len, cfg.min_len, cfg.max_len).astype(np.int64)  # (U,)
+    lengths = _lengths(rng, cfg)
     users, items, sessions = [], [], []
     for u in range(cfg.n_users):
         capacity = sum(topic_items[t].size for t in topics[u])
@@ -278,46 +503,114 @@ def generate(out_dir: Path, config: SyntheticConfig = SyntheticConfig()) -> dict
         sessions.extend(ses)
     user = np.asarray(users, dtype=np.int64)
     item = np.asarray(items, dtype=np.int64)
-    ts = _timestamps(rng, cfg, user, np.asarray(sessions, dtype=np.int64))
+    ts = _timestamps(rng, cfg, user, np.asarray(sessions, dtype=np.int64), cfg.n_users)
+    return _Log(user, item, ts, item_topic, age, gender, [t.tolist() for t in topics])
 
+
+def _vectorised_log(rng: np.random.Generator, cfg: SyntheticConfig) -> _Log:
+    """The same laws drawn with numpy, CHUNK_USERS users at a time, for logs of tens of millions of rows."""
+    item_topic, log_w_in_topic, topic_pop = _plant_items(rng, cfg)
+    log_w_global = log_w_in_topic + np.log(topic_pop)[item_topic]  # (N,)
+    pop = _popularity(item_topic, log_w_in_topic, log_w_global, cfg.n_topics)
+    age, gender, topics, weights = _plant_users_vectorised(rng, cfg, topic_pop)
+    lengths = _lengths(rng, cfg)
+    first_row = np.concatenate([[0], np.cumsum(lengths)])  # (U+1,) rows are filled block by block
+    user = np.empty(first_row[-1], dtype=np.int32)  # (E,) 16 bytes a row in all, never copied
+    item = np.empty(first_row[-1], dtype=np.int32)
+    ts = np.empty(first_row[-1], dtype=np.int64)
+    for lo in range(0, cfg.n_users, CHUNK_USERS):
+        hi = min(lo + CHUNK_USERS, cfg.n_users)
+        u, i, t = _vectorised_block(rng, cfg, pop, lengths[lo:hi], topics[lo:hi], weights[lo:hi])
+        rows = slice(first_row[lo], first_row[hi])
+        user[rows], item[rows], ts[rows] = u + lo, i, t
+    user_topics = [[t for t in row if t >= 0] for row in topics.tolist()]
+    return _Log(user, item, ts, item_topic, age, gender, user_topics)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _id(col: str, prefix: str) -> pl.Expr:
+    """The raw id of a 0-based index column: prefix + the 1-based index zero-padded to 5 digits,
+    the form of user_id() and item_id()."""
+    return pl.concat_str(pl.lit(prefix), (pl.col(col).cast(pl.Int64) + 1).cast(pl.String).str.zfill(5))
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is renamed onto `path`, so a crash never
+    leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write(frame: pl.LazyFrame, path: Path, fmt: Format) -> None:
+    """Stream a frame to CSV or Parquet atomically; string ids are formatted batch by batch,
+    so a 50M-row log never holds its id columns in memory at once."""
+    with _atomic_path(path) as tmp:
+        if fmt == "csv":
+            frame.sink_csv(tmp)
+        else:
+            frame.sink_parquet(tmp)
+
+
+def generate(out_dir: Path, config: SyntheticConfig = SyntheticConfig(), fmt: Format = "csv") -> dict[str, Path]:
+    """Write interactions, items and users (as .csv or .parquet, `fmt`) and planted.json into
+    out_dir; return their paths by name.
+
+    interactions holds user_id,item_id,timestamp grouped by user in time order;
+    items item_id,title,category for every item; users user_id,age,gender;
+    planted.json {"item_topic": {item_id: topic}, "user_topics": {user_id: [topics, heaviest first]}}.
+    """
+    cfg = config
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(cfg.seed)
+    log_ = _per_user_log(rng, cfg) if cfg.method == "per_user" else _vectorised_log(rng, cfg)
+
+    interactions = pl.LazyFrame({"u": log_.user, "i": log_.item, "timestamp": log_.ts}).select(
+        _id("u", "u").alias("user_id"), _id("i", "i").alias("item_id"), pl.col("timestamp").cast(pl.Int64)
+    )
+    topic = pl.Series("topic", log_.item_topic, dtype=pl.Int64)
+    names = pl.Series([_category_name(c) for c in range(cfg.n_categories)])
+    items_df = pl.LazyFrame({"j": np.arange(cfg.n_items), "topic": topic}).select(
+        _id("j", "i").alias("item_id"),
+        pl.format("Item {} (topic {})", pl.col("j") + 1, pl.col("topic")).alias("title"),
+        (pl.col("topic") % cfg.n_categories).replace_strict(range(cfg.n_categories), names).alias("category"),
+    )
+    users_df = pl.LazyFrame({"u": np.arange(cfg.n_users), "a": log_.age, "g": log_.gender}).select(
+        _id("u", "u").alias("user_id"),
+        pl.col("a").replace_strict(range(len(AGE_BUCKETS)), AGE_BUCKETS).alias("age"),
+        pl.col("g").replace_strict(range(len(GENDERS)), GENDERS).alias("gender"),
+    )
     user_ids = [user_id(u) for u in range(cfg.n_users)]
     item_ids = [item_id(j) for j in range(cfg.n_items)]
-    interactions = pl.DataFrame({"u": user, "i": item, "timestamp": ts}).select(
-        pl.col("u").replace_strict(range(cfg.n_users), user_ids, return_dtype=pl.String).alias("user_id"),
-        pl.col("i").replace_strict(range(cfg.n_items), item_ids, return_dtype=pl.String).alias("item_id"),
-        pl.col("timestamp"),
-    )
-    items_df = pl.DataFrame(
-        {
-            "item_id": item_ids,
-            "title": [f"Item {j + 1} (topic {t})" for j, t in enumerate(item_topic.tolist())],
-            "category": [_category_name(t % cfg.n_categories) for t in item_topic.tolist()],
-        }
-    )
-    users_df = pl.DataFrame(
-        {
-            "user_id": user_ids,
-            "age": [AGE_BUCKETS[a] for a in age.tolist()],
-            "gender": [GENDERS[g] for g in gender.tolist()],
-        }
-    )
     planted = {
-        "item_topic": dict(zip(item_ids, item_topic.tolist())),
-        "user_topics": {user_ids[u]: topics[u].tolist() for u in range(cfg.n_users)},
+        "item_topic": dict(zip(item_ids, log_.item_topic.tolist())),
+        "user_topics": dict(zip(user_ids, log_.user_topics)),
     }
 
     paths = {
-        "interactions": out_dir / "interactions.csv",
-        "items": out_dir / "items.csv",
-        "users": out_dir / "users.csv",
+        "interactions": out_dir / f"interactions.{fmt}",
+        "items": out_dir / f"items.{fmt}",
+        "users": out_dir / f"users.{fmt}",
         "planted": out_dir / "planted.json",
     }
-    atomic_write_bytes(paths["interactions"], _csv(interactions))
-    atomic_write_bytes(paths["items"], _csv(items_df))
-    atomic_write_bytes(paths["users"], _csv(users_df))
+    _write(interactions, paths["interactions"], fmt)
+    _write(items_df, paths["items"], fmt)
+    _write(users_df, paths["users"], fmt)
     atomic_write_bytes(paths["planted"], (json.dumps(planted) + "\n").encode())
     log.info(
-        "synthetic log: %d users, %d items, %d interactions, mean length %.1f -> %s",
-        cfg.n_users, cfg.n_items, user.size, user.size / cfg.n_users, out_dir,
+        "synthetic log (%s): %d users, %d items, %d interactions, mean length %.1f -> %s",
+        cfg.method, cfg.n_users, cfg.n_items, log_.user.size, log_.user.size / cfg.n_users, out_dir,
     )
     return paths

@@ -13,6 +13,7 @@ integer the sort is numeric, so MovieLens ids sort as numbers and the protocol's
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,9 +156,11 @@ def _is_text(name: str) -> bool:
     return "\ufffd" not in name and all(ch.isprintable() or ch == "\t" for ch in name)
 
 
-def _collect(lf: pl.LazyFrame, path: Path) -> pl.DataFrame:
+def _collect(lf: pl.LazyFrame, path: Path, streaming: bool = False) -> pl.DataFrame:
+    """Collect a scan; `streaming` runs polars' streaming engine, which reads the file in
+    batches instead of materialising every raw column before the projection."""
     try:
-        return lf.collect()
+        return lf.collect(engine="streaming" if streaming else "auto")
     except (pl.exceptions.PolarsError, OSError) as err:
         raise DataError(f"{path}: cannot read ({_first_line(err)})") from None
 
@@ -185,49 +188,92 @@ def _numeric_ids(raw: pl.Series) -> bool:
     return raw.str.contains(r"^-?\d+$").all()
 
 
-def _sorted_vocab(raw: pl.Series) -> np.ndarray:
+def _sorted_vocab(raw: pl.Series) -> pl.Series:
     """Distinct raw ids in sort order: numeric when every id is an integer, else lexicographic."""
     uniq = raw.unique().sort()  # lexicographic; also the tie order of "7" and "007" below
     if _numeric_ids(uniq):
         ints = uniq.cast(pl.Int64, strict=False)  # null where an id overflows int64
         if ints.null_count() == 0:
             uniq = uniq.gather(np.argsort(ints.to_numpy(), kind="stable"))
-    return uniq.to_numpy().astype(str)
+    return uniq
+
+
+def _positions(ids: pl.Series, vocab: pl.Series, start: int) -> np.ndarray:
+    """(len(ids),) int64 index of each id in the vocabulary, counted from `start`; -1 where absent.
+
+    A hash join in polars: a Python dict over a million-id vocabulary costs seconds."""
+    table = pl.DataFrame({"id": vocab, "idx": np.arange(start, start + len(vocab), dtype=np.int64)})
+    found = pl.DataFrame({"id": ids}).join(table, on="id", how="left", maintain_order="left")
+    return found.get_column("idx").fill_null(-1).to_numpy()
+
+
+def _clean_id(col: str) -> pl.Expr:
+    """An id column as stripped strings (integers and strings alike)."""
+    return pl.col(col).cast(pl.String).str.strip_chars()
+
+
+def _time_seconds(col: str, dtype: pl.DataType, path: Path) -> pl.Expr:
+    """A timestamp column as Float64 seconds: numbers as they are, strings parsed (null where not a number)."""
+    if dtype == pl.String:
+        return pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+    if dtype.is_numeric():
+        return pl.col(col).cast(pl.Float64)
+    raise DataError(f"{path}: column {col!r} must hold numeric timestamps, found {dtype}")
+
+
+def _null_id(col: str) -> pl.Expr:
+    return pl.col(col).is_null() | (pl.col(col) == "")
+
+
+def _bad_time(col: str) -> pl.Expr:
+    return pl.col(col).is_null() | pl.col(col).is_nan() | pl.col(col).is_infinite()
+
+
+def _huge_time(col: str) -> pl.Expr:
+    return pl.col(col).abs() >= 2.0**63  # would overflow int64 seconds
 
 
 def read_interactions(spec: DataSpec) -> pl.DataFrame:
-    """Validated interactions as (user: str, item: str, time: int64), in file order."""
+    """Validated interactions as (user: str, item: str, time: int64), in file order.
+
+    One streaming query reads, strips and parses the three columns, and one pass of
+    `any()` checks validates them, so a 10M-row log holds little more than its three
+    columns at once; only a bad file goes through `_first_error` to name the row."""
     path = Path(spec.interactions)
     cols = [spec.user_col, spec.item_col, spec.time_col]
     lf = _scan(path, cols)
     _require_columns(lf, path, cols)
-    df = _collect(lf.select(cols), path)
+    time_expr = _time_seconds(spec.time_col, lf.collect_schema()[spec.time_col], path)
+    df = _collect(
+        lf.select(_clean_id(spec.user_col).alias("user"), _clean_id(spec.item_col).alias("item"),
+                  time_expr.alias("_t")),
+        path,
+        streaming=True,
+    )
     if df.height == 0:
         raise DataError(f"{path}: no interactions (the file has a header but no rows)")
-    df = _string_ids(df, spec.user_col, path)
-    df = _string_ids(df, spec.item_col, path)
+    flags = df.select(_null_id("user").any(), _null_id("item").any(), (_bad_time("_t") | _huge_time("_t")).any())
+    if any(flags.row(0)):
+        del df
+        _first_error(lf, spec, path, time_expr)
+    return df.select("user", "item", pl.col("_t").cast(pl.Int64).alias("time"))
+
+
+def _first_error(lf: pl.LazyFrame, spec: DataSpec, path: Path, time_expr: pl.Expr) -> None:
+    """Raise the DataError that names the first bad row: null ids first, then bad timestamps."""
     t = spec.time_col
-    if df.get_column(t).dtype == pl.String:
-        parsed = pl.col(t).str.strip_chars().cast(pl.Float64, strict=False)
-        df = df.with_columns(parsed.alias("_t"), pl.col(t).alias("_raw"))
-    elif df.get_column(t).dtype.is_numeric():
-        df = df.with_columns(pl.col(t).cast(pl.Float64).alias("_t"), pl.col(t).alias("_raw"))
-    else:
-        raise DataError(f"{path}: column {t!r} must hold numeric timestamps, found {df.get_column(t).dtype}")
-    bad = pl.col("_t").is_null() | pl.col("_t").is_nan() | pl.col("_t").is_infinite()
-    if df.select(bad.any()).item():
-        row, value = _first_bad(df, bad, "_raw")
+    df = _collect(lf.select(spec.user_col, spec.item_col, time_expr.alias("_t"), pl.col(t).alias("_raw")), path)
+    for col in (spec.user_col, spec.item_col):
+        df = df.with_columns(_clean_id(col))
+        if df.select(_null_id(col).any()).item():
+            row, _ = _first_bad(df, _null_id(col), col)
+            raise DataError(f"{path}: column {col!r} has a null id at row {row}")
+    if df.select(_bad_time("_t").any()).item():
+        row, value = _first_bad(df, _bad_time("_t"), "_raw")
         what = "a null timestamp" if value is None else f"a non-numeric timestamp {value!r}"
         raise DataError(f"{path}: column {t!r} has {what} at row {row}")
-    huge = pl.col("_t").abs() >= 2.0**63  # would overflow int64 seconds
-    if df.select(huge.any()).item():
-        row, value = _first_bad(df, huge, "_raw")
-        raise DataError(f"{path}: column {t!r} has an out-of-range timestamp {value!r} at row {row}")
-    return df.select(
-        pl.col(spec.user_col).alias("user"),
-        pl.col(spec.item_col).alias("item"),
-        pl.col("_t").cast(pl.Int64).alias("time"),
-    )
+    row, value = _first_bad(df, _huge_time("_t"), "_raw")
+    raise DataError(f"{path}: column {t!r} has an out-of-range timestamp {value!r} at row {row}")
 
 
 def _read_side(path: Path, id_col: str, kind: str) -> pl.DataFrame:
@@ -262,37 +308,76 @@ def _encode_feature(values: pl.Series, n_rows: int, row_index: np.ndarray, sep: 
     lists = s.str.split(sep).list.eval(pl.element().str.strip_chars()).list.eval(
         pl.element().filter(pl.element() != "")
     )
-    flat = lists.explode().drop_nulls()
+    flat = lists.explode().drop_nulls()  # (F,) every value, row by row
     vocab = [PAD, UNKNOWN] + sorted(set(flat.unique().to_list()) - {UNKNOWN})
-    lookup = {v: i for i, v in enumerate(vocab)}
-    lens = lists.list.len().to_numpy()
+    lens = lists.list.len().to_numpy().astype(np.int64)  # (R,) values per row
     width = max(1, int(lens.max()) if len(lens) else 1)
     out = np.zeros((n_rows, width), dtype=np.int32)
     out[:, 0] = 1  # unknown unless the file says otherwise
-    codes = np.array([lookup[v] for v in flat.to_list()], dtype=np.int32) if len(flat) else np.zeros(0, np.int32)
-    rows = np.repeat(row_index, lens)
-    cols = np.concatenate([np.arange(n) for n in lens]) if len(lens) else np.zeros(0, np.int64)
+    codes = _positions(flat, pl.Series(vocab[1:], dtype=pl.String), 1).astype(np.int32)  # (F,) distinct keys from 1
+    rows = np.repeat(row_index, lens)  # (F,)
+    starts = np.cumsum(lens) - lens
+    cols = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lens)  # (F,) slot within the row
     has = lens > 0
     out[row_index[has], 0] = 0
     out[rows, cols] = codes
     return out, vocab
 
 
-def load_dataset(spec: DataSpec) -> Dataset:
-    """Read, validate and encode a behaviour log and its optional side files."""
+def load_dataset(spec: DataSpec, seconds: dict[str, float] | None = None) -> Dataset:
+    """Read, validate and encode a behaviour log and its optional side files.
+
+    `seconds`, when given, receives the wall time of each stage (read, side files,
+    vocabularies, encode, features): the ingestion benchmark reads it."""
+    clock = _Stages(seconds)
     inter = read_interactions(spec)
+    clock.lap("read_validate")
     items_df = _read_side(spec.items, spec.item_col, "items") if spec.items else None
     users_df = _read_side(spec.users, spec.user_col, "users") if spec.users else None
+    clock.lap("read_side_files")
 
     # Item vocabulary: every interacted item plus every item of the side file.
-    raw_items = inter.get_column("item")
+    raw_items = inter.get_column("item").unique()  # distinct first: no copy of the E-row column
     if items_df is not None:
         raw_items = pl.concat([raw_items, items_df.get_column(spec.item_col)])
-    item_ids = _sorted_vocab(raw_items)
-    user_ids = _sorted_vocab(inter.get_column("user"))
-    item_map = pl.DataFrame({"item": item_ids, "item_idx": np.arange(1, len(item_ids) + 1, dtype=np.int32)})
-    user_map = pl.DataFrame({"user": user_ids, "user_idx": np.arange(len(user_ids), dtype=np.int32)})
+    item_vocab = _sorted_vocab(raw_items)
+    user_vocab = _sorted_vocab(inter.get_column("user"))
+    del raw_items
+    clock.lap("vocabularies")
+    ds = encode_interactions(inter, item_vocab, user_vocab)
+    del inter
+    clock.lap("encode_ids_sort")
+    if items_df is not None:
+        _attach_item_side(ds, items_df, spec, item_vocab)
+    if users_df is not None:
+        _attach_user_side(ds, users_df, spec, user_vocab)
+    ds.fingerprint = _fingerprint(spec)
+    clock.lap("features_fingerprint")
+    log.info("loaded %d interactions, %d users, %d items from %s", len(ds.items), ds.n_users, ds.n_items, spec.interactions)
+    return ds
 
+
+class _Stages:
+    """Records the wall time since the previous lap under a stage name, when asked to."""
+
+    def __init__(self, seconds: dict[str, float] | None):
+        self.seconds, self.t = seconds, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.seconds is not None:
+            now = time.perf_counter()
+            self.seconds[name] = now - self.t
+            self.t = now
+
+
+def encode_interactions(inter: pl.DataFrame, item_vocab: pl.Series, user_vocab: pl.Series) -> Dataset:
+    """Encode validated interactions (user, item, time) into per-user CSR sequences sorted by
+    (time, item index): items get 1..N in vocabulary order, users 0..U-1.
+
+    Ids become indices by hash joins against the vocabularies, then one sort; memory stays
+    a few columns of E rows (int32 ids, int64 times)."""
+    item_map = pl.DataFrame({"item": item_vocab, "item_idx": np.arange(1, len(item_vocab) + 1, dtype=np.int32)})
+    user_map = pl.DataFrame({"user": user_vocab, "user_idx": np.arange(len(user_vocab), dtype=np.int32)})
     enc = (
         inter.lazy()
         .join(user_map.lazy(), on="user")
@@ -301,33 +386,23 @@ def load_dataset(spec: DataSpec) -> Dataset:
         .sort(["user_idx", "time", "item_idx"])
         .collect()
     )
-    counts = np.bincount(enc.get_column("user_idx").to_numpy(), minlength=len(user_ids))
-    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    counts = np.bincount(enc.get_column("user_idx").to_numpy(), minlength=len(user_vocab))
+    offsets = np.zeros(len(user_vocab) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-
-    ds = Dataset(
-        item_ids=np.concatenate([[PAD], item_ids]).astype(str),
-        user_ids=user_ids,
+    return Dataset(
+        item_ids=np.concatenate([[PAD], item_vocab.to_numpy()]).astype(str),
+        user_ids=user_vocab.to_numpy().astype(str),
         offsets=offsets,
         items=enc.get_column("item_idx").to_numpy().astype(np.int32),
         times=enc.get_column("time").to_numpy().astype(np.int64),
     )
 
-    if items_df is not None:
-        _attach_item_side(ds, items_df, spec)
-    if users_df is not None:
-        _attach_user_side(ds, users_df, spec)
-    ds.fingerprint = _fingerprint(spec)
-    log.info("loaded %d interactions, %d users, %d items from %s", len(ds.items), ds.n_users, ds.n_items, spec.interactions)
-    return ds
 
-
-def _attach_item_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec) -> None:
+def _attach_item_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec, item_vocab: pl.Series) -> None:
     path = Path(spec.items)
-    lookup = {v: i for i, v in enumerate(ds.item_ids.tolist())}
-    rows = np.array([lookup[v] for v in df.get_column(spec.item_col).to_list()], dtype=np.int64)
+    rows = _positions(df.get_column(spec.item_col), item_vocab, 1)  # every side id is in the vocabulary
     interacted = np.zeros(ds.n_items + 1, dtype=bool)
-    interacted[np.unique(ds.items)] = True
+    interacted[ds.items] = True
     described = np.zeros(ds.n_items + 1, dtype=bool)
     described[rows] = True
     missing = int((interacted & ~described).sum())
@@ -343,13 +418,11 @@ def _attach_item_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec) -> None:
         ds.item_features[col], ds.item_feature_vocab[col] = mat, vocab
 
 
-def _attach_user_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec) -> None:
+def _attach_user_side(ds: Dataset, df: pl.DataFrame, spec: DataSpec, user_vocab: pl.Series) -> None:
     path = Path(spec.users)
-    lookup = {v: i for i, v in enumerate(ds.user_ids.tolist())}
-    raw = df.get_column(spec.user_col).to_list()
-    keep = np.array([v in lookup for v in raw], dtype=bool)
-    df = df.filter(pl.Series(keep))
-    rows = np.array([lookup[v] for v in df.get_column(spec.user_col).to_list()], dtype=np.int64)
+    rows = _positions(df.get_column(spec.user_col), user_vocab, 0)  # -1: a user not in the log
+    keep = rows >= 0
+    df, rows = df.filter(pl.Series(keep)), rows[keep]
     missing = ds.n_users - len(rows)
     if missing:
         log.warning("%d users are not in %s; their profile is %r", missing, path, UNKNOWN)
@@ -388,5 +461,7 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
 
 def item_counts(ds: Dataset, users: np.ndarray) -> np.ndarray:
     """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0)."""
-    owner = np.repeat(np.arange(ds.n_users), ds.lengths())  # (E,) user of each interaction
-    return np.bincount(ds.items[np.isin(owner, users)], minlength=ds.n_items + 1)
+    chosen = np.zeros(ds.n_users, dtype=bool)
+    chosen[users] = True
+    in_users = np.repeat(chosen, ds.lengths())  # (E,) bool: one byte a row, not an int64 owner
+    return np.bincount(ds.items[in_users], minlength=ds.n_items + 1)

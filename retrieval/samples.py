@@ -21,7 +21,9 @@ def training_positions(ds: Dataset, users: np.ndarray, history_len: np.ndarray) 
     user = np.repeat(users.astype(np.int64), counts)
     # position t runs 1..n-1 within each user: a ramp restarted at each user's block
     starts = np.cumsum(counts) - counts
-    pos = np.arange(counts.sum(), dtype=np.int64) - np.repeat(starts, counts) + 1
+    pos = np.arange(counts.sum(), dtype=np.int64)  # (S,) in place below: two (S,) arrays at most
+    pos -= np.repeat(starts, counts)
+    pos += 1
     return user, pos
 
 

@@ -1,4 +1,5 @@
-"""The synthetic generator: determinism, id forms, session timing and the planted interests."""
+"""The synthetic generator: determinism, id forms, session timing and the planted interests,
+for both methods (per-user walk and vectorised), and CSV against Parquet output."""
 
 from __future__ import annotations
 
@@ -10,16 +11,25 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from data.synthetic import SESSION_GAP_MIN_S, WITHIN_GAP_S, SyntheticConfig, generate
 
 SMALL = SyntheticConfig(n_users=200, n_items=500, n_topics=20, max_len=80, mean_len=40.0, seed=1)
+# The vectorised method needs a topic to hold a whole timeline: 100 items per topic >= max_len.
+VECTORISED = replace(SMALL, n_items=2000, method="vectorised")
+CONFIGS = {"per_user": SMALL, "vectorised": VECTORISED}
 FILES = ("interactions", "items", "users", "planted")
 
 
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def cfg(request: pytest.FixtureRequest) -> SyntheticConfig:
+    return CONFIGS[request.param]
+
+
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return generate(tmp_path_factory.mktemp("synthetic"), SMALL)
+def small(cfg: SyntheticConfig, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return generate(tmp_path_factory.mktemp("synthetic"), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -51,29 +61,31 @@ def test_writes_the_four_files_and_nothing_else(small: dict[str, Path]) -> None:
     assert small["users"].read_text().splitlines()[0] == "user_id,age,gender"
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, small: dict[str, Path]) -> None:
-    again = _bytes(generate(tmp_path / "again", SMALL))
+def test_same_seed_same_bytes_other_seed_other_bytes(
+    tmp_path: Path, cfg: SyntheticConfig, small: dict[str, Path]
+) -> None:
+    again = _bytes(generate(tmp_path / "again", cfg))
     assert again == _bytes(small)
-    other = _bytes(generate(tmp_path / "other", replace(SMALL, seed=2)))
+    other = _bytes(generate(tmp_path / "other", replace(cfg, seed=2)))
     for name in FILES:
         assert other[name] != again[name], name
 
 
-def test_ids_have_the_documented_form(log: pl.DataFrame, small: dict[str, Path]) -> None:
+def test_ids_have_the_documented_form(log: pl.DataFrame, cfg: SyntheticConfig, small: dict[str, Path]) -> None:
     users = pl.read_csv(small["users"])
     items = pl.read_csv(small["items"])
-    assert users["user_id"].to_list() == [f"u{i:05d}" for i in range(1, SMALL.n_users + 1)]
-    assert items["item_id"].to_list() == [f"i{j:05d}" for j in range(1, SMALL.n_items + 1)]
+    assert users["user_id"].to_list() == [f"u{i:05d}" for i in range(1, cfg.n_users + 1)]
+    assert items["item_id"].to_list() == [f"i{j:05d}" for j in range(1, cfg.n_items + 1)]
     assert sorted(log["user_id"].unique().to_list()) == users["user_id"].to_list()
     assert log["item_id"].str.contains(r"^i\d{5}$").all()
     assert log["timestamp"].dtype == pl.Int64
 
 
-def test_every_user_long_enough_and_never_repeats(per_user: list) -> None:
-    assert len(per_user) == SMALL.n_users
+def test_every_user_long_enough_and_never_repeats(per_user: list, cfg: SyntheticConfig) -> None:
+    assert len(per_user) == cfg.n_users
     lengths = [len(items) for _, items, _, _ in per_user]
-    assert min(lengths) >= SMALL.min_len
-    assert max(lengths) <= SMALL.max_len
+    assert min(lengths) >= cfg.min_len
+    assert max(lengths) <= cfg.max_len
     assert len(set(lengths)) > 10  # lengths really vary
     for u, items, _, _ in per_user:
         assert len(set(items)) == len(items), u
@@ -126,10 +138,10 @@ def test_popularity_is_skewed_within_a_topic(log: pl.DataFrame) -> None:
     assert top_fifth["len"].median() > 0.31
 
 
-def test_items_list_every_item_with_consistent_title_and_category(small: dict[str, Path]) -> None:
+def test_items_list_every_item_with_consistent_title_and_category(cfg: SyntheticConfig, small: dict[str, Path]) -> None:
     items = pl.read_csv(small["items"])
     item_topic = json.loads(small["planted"].read_text())["item_topic"]
-    assert items.height == SMALL.n_items == len(item_topic)
+    assert items.height == cfg.n_items == len(item_topic)
     category_of_topic: dict[int, str] = {}
     for item, title, category in items.iter_rows():
         match = re.fullmatch(r"Item (\d+) \(topic (\d+)\)", title)
@@ -138,8 +150,8 @@ def test_items_list_every_item_with_consistent_title_and_category(small: dict[st
         topic = int(match.group(2))
         assert topic == item_topic[item]
         assert category_of_topic.setdefault(topic, category) == category  # a topic has one category
-    assert len(category_of_topic) == SMALL.n_topics
-    assert len(set(category_of_topic.values())) == SMALL.n_categories
+    assert len(category_of_topic) == cfg.n_topics
+    assert len(set(category_of_topic.values())) == cfg.n_categories
 
 
 def test_users_have_a_profile(small: dict[str, Path]) -> None:
@@ -157,8 +169,35 @@ def test_users_have_a_profile(small: dict[str, Path]) -> None:
         ({"n_topics": 400}, "min_len=20"),  # topics of 1 item cannot hold 20 behaviours
         ({"noise": 1.0}, "noise"),
         ({"interest_count_probs": (0.5, 0.5, 0.5, 0.5)}, "interest_count_probs"),
+        ({"method": "vectorised"}, "max_len <= items per topic (25)"),  # 500 items / 20 topics < max_len 80
+        ({"method": "loop"}, "method"),
     ],
 )
 def test_config_rejects_bad_values_by_name(bad: dict, field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(field)):
         replace(SMALL, **bad)
+
+
+def test_parquet_holds_what_csv_holds(tmp_path: Path) -> None:
+    """The same seed written both ways: identical frames, column types included."""
+    csv = generate(tmp_path / "csv", VECTORISED)
+    parquet = generate(tmp_path / "parquet", VECTORISED, fmt="parquet")
+    assert sorted(p.name for p in (tmp_path / "parquet").iterdir()) == [
+        "interactions.parquet", "items.parquet", "planted.json", "users.parquet"
+    ]
+    for name in ("interactions", "items", "users"):
+        assert_frame_equal(pl.read_parquet(parquet[name]), pl.read_csv(csv[name]))
+    assert parquet["planted"].read_bytes() == csv["planted"].read_bytes()
+    with pytest.raises(ValueError, match="fmt"):
+        generate(tmp_path / "bad", VECTORISED, fmt="tsv")  # type: ignore[arg-type]
+
+
+def test_heavier_interests_get_more_behaviours(per_user: list, small: dict[str, Path]) -> None:
+    """Interests are listed heaviest first: on average a user's first interest holds a larger
+    share of their behaviours than their last one."""
+    user_topics = json.loads(small["planted"].read_text())["user_topics"]
+    first, last = [], []
+    for u, _, topics, _ in per_user:
+        first.append(np.mean(topics == user_topics[u][0]))
+        last.append(np.mean(topics == user_topics[u][-1]))
+    assert np.mean(first) > np.mean(last) + 0.1
