@@ -4,7 +4,7 @@
 # dependency of the project; the environment lives outside the repository.
 #
 #   bash bench/public_env.sh [VENV]        # default /work/bench-venv
-#   VENV/bin/python bench/bench_public.py --scale full --out runs/bench/public.json
+#   VENV/bin/python bench/bench_public.py --scale full --out-dir runs/bench   # -> runs/bench/public-full.json
 #
 # torch==2.13.0 (the CPU build) goes in FIRST. Both public packages declare open torch ranges
 # (torch-rechub 0.9.0: torch>=1.10.0; deepctr-torch 0.3.0: torch>=2.4.0), so they are installed
@@ -59,4 +59,5 @@ assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("torch", torch.__version__, "| torch-rechub", md.version("torch-rechub"),
       "| deepctr-torch", md.version("deepctr-torch"))
 PY
-echo "ready: $VENV/bin/python bench/bench_public.py --scale full"
+"$VENV/bin/pip" check
+echo "ready: $VENV/bin/python bench/bench_public.py --scale full --out-dir runs/bench"
