@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -48,6 +49,23 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _Clock:
+    """Seconds spent per named phase of a command, from its start (the interpreter's own start
+    and the import of the CLI come before it: a fresh process's wall time less the total)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self._last
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        return {**{k: round(v, 6) for k, v in self.phases.items()}, "total": round(sum(self.phases.values()), 6)}
+
+
 def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
@@ -62,16 +80,28 @@ Users = Annotated[Optional[Path], typer.Option(help="User-profile file: id and p
 @app.command()
 @clean_errors
 def generate(
-    out: Annotated[Path, typer.Option(help="Directory for interactions.csv, items.csv, users.csv.")] = Path("runs/demo/data"),
+    out: Annotated[Path, typer.Option(help="Directory for interactions, items and users (.csv or .parquet) and planted.json.")] = Path("runs/demo/data"),
     users: Annotated[int, typer.Option(min=10, help="Number of users.")] = 2000,
     items: Annotated[int, typer.Option(min=50, help="Number of items.")] = 3000,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    topics: Annotated[int, typer.Option(min=1, help="Planted item topics.")] = 40,
+    min_len: Annotated[int, typer.Option(min=1, help="Fewest behaviours per user.")] = 20,
+    mean_len: Annotated[float, typer.Option(min=1, help="Mean behaviours per user (before clipping).")] = 60.0,
+    max_len: Annotated[int, typer.Option(min=1, help="Most behaviours per user.")] = 150,
+    format: Annotated[str, typer.Option("--format", help="File format: csv or parquet.")] = "csv",
+    method: Annotated[str, typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")] = "per_user",
 ) -> None:
     """Write the embedded synthetic behaviour log (users with planted multiple interests)."""
     from data.synthetic import SyntheticConfig, generate as gen
 
+    if format not in ("csv", "parquet"):
+        _fail(f"--format must be csv or parquet, got {format!r}")
+    if method not in ("per_user", "vectorised"):
+        _fail(f"--method must be per_user or vectorised, got {method!r}")
     try:
-        paths = gen(out, SyntheticConfig(n_users=users, n_items=items, seed=seed))
+        config = SyntheticConfig(n_users=users, n_items=items, seed=seed, n_topics=topics, min_len=min_len,
+                                 mean_len=mean_len, max_len=max_len, method=method)  # type: ignore[arg-type]
+        paths = gen(out, config, fmt=format)  # type: ignore[arg-type]
     except ValueError as err:
         _fail(str(err))
     for name, p in paths.items():
@@ -132,16 +162,31 @@ def build_index_cmd(
     bundle: Annotated[Path, typer.Option(help="Model bundle from `retrieve train`.")],
     out: Annotated[Path, typer.Option(help="Index directory to write.")],
     factory: Annotated[str, typer.Option(help="faiss index_factory string: Flat (exact), IVF256,Flat, HNSW32 ...")] = "Flat",
+    target_recall: Annotated[Optional[float], typer.Option(help="Raise nprobe (IVF) or efSearch (HNSW) until the served top-N of sampled validation users reaches this recall against exact search; the choice is recorded in the manifest and used by query. An index without such a parameter (Flat, PQ) is measured once and must reach it as it is.")] = None,
+    tune_users: Annotated[int, typer.Option(min=1, help="Validation users sampled for --target-recall.")] = 1000,
+    tune_n: Annotated[int, typer.Option(min=1, help="N of the recall@N that --target-recall measures.")] = 50,
 ) -> None:
     """Embed every item with the trained model and write a FAISS inner-product index."""
     from index.faiss_index import build_index, save_index
+    from index.tuning import check_target_recall, tune_on_validation
     from retrieval.bundle import load_bundle
 
+    if target_recall is not None:
+        check_target_recall(target_recall)
     b = load_bundle(bundle)
     vectors = b.model.item_vectors().detach().numpy()
     index = build_index(vectors, factory)
-    save_index(index, out, {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)})
+    manifest = {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)}
+    tuning = None
+    if target_recall is not None:
+        tuning = tune_on_validation(index, b, vectors, target_recall, n=tune_n, max_users=tune_users)
+        manifest.update(tuning.manifest())
+    save_index(index, out, manifest)
     typer.echo(f"index: {out}  {factory}  {index.ntotal} items  d={index.d}")
+    if tuning is not None:
+        setting = f"{tuning.search_param}={tuning.search_value}" if tuning.search_param else "no search parameter"
+        typer.echo(f"tuned: {setting}  recall@{tuning.n} {tuning.recall:.4f} against exact search on "
+                   f"{tuning.users} validation users (target {tuning.target_recall})")
 
 
 def _read_users_file(path: Path) -> list[str]:
@@ -165,28 +210,34 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
+    timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (seconds) as JSON on stderr.")] = False,
 ) -> None:
     """Top-N items for users, from all their known behaviours (items already seen excluded).
 
     With --rank, M candidates are retrieved, scored by the ranker, and the top N printed
     with both the retrieval score and the ranking score."""
+    clock = _Clock()
     import numpy as np
 
     from index.faiss_index import load_index
     from retrieval.bundle import load_bundle
     from retrieval.recommend import recommend
 
+    clock.lap("imports")
     if (user is None) == (users_file is None):
         _fail("give exactly one of --user or --users-file")
     if merge not in ("best", "share"):
         _fail(f"--merge must be best or share, got {merge!r}")
     b = load_bundle(bundle)
+    clock.lap("load_bundle")
     idx, _ = load_index(index, b.fingerprint)
+    clock.lap("load_index")
     raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
     ds = b.dataset
     uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
     ends = ds.lengths()[uidx]
     rec = recommend(b.model, ds, idx, uidx, ends, candidates if rank else n, merge=merge)  # type: ignore[arg-type]
+    clock.lap("search")
     rank_scores = None
     if rank is not None:
         from retrieval.ranking.bundle import load_ranker
@@ -202,6 +253,7 @@ def query(
             rec.interest[r] = [by_item.get(int(i), (-np.inf, -1))[1] for i in reranked[r]]
         rec.scores, rec.interest = rec.scores[:, :n], rec.interest[:, :n]
         rec.items, rank_scores = reranked[:, :n], logits[:, :n]
+        clock.lap("rank")
     results = []
     for r, u in enumerate(raw):
         rows = []
@@ -217,10 +269,17 @@ def query(
         results.append({"user": u, "history": int(ds.lengths()[uidx[r]]), "items": rows})
     if as_json:
         typer.echo(json.dumps(results if users_file else results[0], indent=2, ensure_ascii=False))
-        return
+    else:
+        _print_results(results, ranked=rank is not None)
+    clock.lap("print")
+    if timings:
+        typer.echo("timings: " + json.dumps(clock.report()), err=True)
+
+
+def _print_results(results: list[dict[str, Any]], ranked: bool) -> None:
+    """The query results as one table per user."""
     for res in results:
         typer.echo(f"user {res['user']}  ({res['history']} behaviours)")
-        ranked = rank is not None
         typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  " + (f"{'rank_score':>10}  " if ranked else "")
                    + f"{'interest':>8}  title")
         for row in res["items"]:

@@ -194,17 +194,71 @@ def search_interests(
         raise ValueError(f"k must be at least 1, got {k}")
     k = min(int(k), int(index.ntotal))
     active = mask.reshape(-1)  # (U*K,)
-    D = np.full((U * K, k), -np.inf, dtype=np.float32)
-    I = np.full((U * K, k), -1, dtype=np.int64)
-    if k > 0 and active.any():
-        xq = np.ascontiguousarray(queries.reshape(U * K, d)[active], dtype=np.float32)  # (nq, d)
+    searched = k > 0 and bool(active.any())
+    if searched:
+        everyone = bool(active.all())
+        xq = queries.reshape(U * K, d) if everyone else queries.reshape(U * K, d)[active]
+        xq = np.ascontiguousarray(xq, dtype=np.float32)  # (nq, d)
         if not np.isfinite(xq).all():
             raise ValueError("active interest vectors hold NaN or infinite values")
         Da, Ia = index.search(xq, k)  # (nq, k)
         Da[Ia < 0] = -np.inf  # faiss pads missing results with -FLT_MAX for inner product
+        if everyone:  # faiss's own arrays, no scatter
+            return Da.reshape(U, K, k), Ia.reshape(U, K, k)
+    D = np.full((U * K, k), -np.inf, dtype=np.float32)
+    I = np.full((U * K, k), -1, dtype=np.int64)
+    if searched:
         D[active] = Da
         I[active] = Ia
     return D.reshape(U, K, k), I.reshape(U, K, k)
+
+
+def search_top_n(
+    index: faiss.Index,
+    queries: np.ndarray,
+    mask: np.ndarray,
+    n: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    strategy: Literal["best", "share"] = "best",
+    weights: np.ndarray | None = None,
+    slack: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-n merged results per user with exclude[u] removed, searching only as deep as needed.
+
+    queries (U, K, d), mask (U, K) as search_interests; the rest and the results as
+    merge_interests. Searching every interest n + |exclude[u]| deep always suffices (at most
+    |exclude[u]| results are dropped), but then the longest history sets the depth of every
+    search and the width of every merge. Instead all active interests are searched once for
+    k = n + min(slack, longest exclusion) results (slack defaults to n). An interest list that
+    was filled to k but keeps fewer than n allowed results scoring strictly above its last
+    one may hide a top-n item below its cut: only the users with such a list are searched
+    again, n + their longest exclusion deep. Where an index's top-k is a prefix of its
+    top-k' (Flat, IVF at a fixed nprobe, PQ) the result is exactly that of the deep search,
+    ties included; HNSW searches with ef = max(efSearch, k), so there k is part of the setting.
+    """
+    queries = np.asarray(queries)
+    U = queries.shape[0]
+    longest = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+    slack = n if slack is None else slack
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0, got {slack}")
+    k = n + min(slack, longest)
+    D, I = search_interests(index, queries, mask, k)  # (U, K, k)
+    k = D.shape[2]  # clipped to ntotal
+    dropped = _dropped(I, exclude)  # (U, K, k)
+    ids, scores, interest = _merge(D, I, dropped, n, strategy, weights)
+    if exclude is None or k >= index.ntotal:
+        return ids, scores, interest
+    above = ~dropped & (D > D[:, :, -1:])  # (U, K, k) allowed results strictly above the cut
+    short = (above.sum(axis=2) < n) & (I[:, :, -1] >= 0)  # (U, K) full lists left short
+    again = np.flatnonzero(short.any(axis=1))
+    if again.size:
+        sub = [exclude[u] for u in again]
+        D2, I2 = search_interests(index, queries[again], np.asarray(mask)[again], n + max(map(len, sub)))
+        w2 = None if weights is None else np.asarray(weights)[again]
+        ids[again], scores[again], interest[again] = _merge(D2, I2, _dropped(I2, sub), n, strategy, w2)
+        log.debug("searched %d of %d users again past k=%d", again.size, U, k)
+    return ids, scores, interest
 
 
 def merge_interests(
@@ -234,12 +288,34 @@ def merge_interests(
     I = np.asarray(I)
     if D.ndim != 3 or D.shape != I.shape:
         raise ValueError(f"D and I must be (U, K, k) of one shape, got {D.shape} and {I.shape}")
+    return _merge(D, I, _dropped(I, exclude), n, strategy, weights)
+
+
+def _dropped(I: np.ndarray, exclude: Sequence[np.ndarray] | None) -> np.ndarray:
+    """(U, K, k) bool: no result (-1) or an excluded id."""
+    U, K, k = I.shape
+    return (I < 0) | _excluded(I.reshape(U, K * k), exclude).reshape(U, K, k)
+
+
+def _merge(
+    D: np.ndarray,
+    I: np.ndarray,
+    dropped: np.ndarray,
+    n: int,
+    strategy: str,
+    weights: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """merge_interests once the dropped entries (U, K, k) are known."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     U, K, k = I.shape
     if strategy == "best":
         if weights is not None:
             raise ValueError("weights apply only to strategy='share'")
+        if U == 1:
+            return _merge_best_one(D, I, dropped, n)
+        if int(I.max(initial=-1)) < (1 << _id_bits(K)) - 1:
+            return _merge_best_packed(D, I, dropped, n)
     elif strategy == "share":
         if weights is None:
             raise ValueError("strategy='share' needs weights (U, K)")
@@ -259,17 +335,10 @@ def merge_interests(
     ids = np.take_along_axis(ids, order, axis=1)
     scores = np.take_along_axis(scores, order, axis=1)
     interest = np.take_along_axis(interest, order, axis=1)
-    keep = (ids >= 0) & ~_excluded(ids, exclude)  # (U, K*k)
+    keep = ~np.take_along_axis(dropped.reshape(U, K * k), order, axis=1)  # (U, K*k)
 
-    if strategy == "best":
-        # The first occurrence of an id in score order is its best (score, interest):
-        # a stable sort by id puts it first among its duplicates.
-        by_id = np.argsort(ids, axis=1, kind="stable")  # (U, K*k)
-        sorted_ids = np.take_along_axis(ids, by_id, axis=1)
-        first = np.ones_like(keep)
-        first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-        np.put_along_axis(first, by_id, first.copy(), axis=1)  # back to score order
-        keep &= first
+    if strategy == "best":  # only for ids too large to pack
+        keep &= _first_of_each_id(ids, keep)
     else:
         for u in range(U):
             keep[u] = _share_one(ids[u], interest[u], keep[u], weights[u], n, K)
@@ -283,6 +352,101 @@ def merge_interests(
     out_scores[rows, slot[rows, cols]] = scores[rows, cols]
     out_interest[rows, slot[rows, cols]] = interest[rows, cols]
     return out_ids, out_scores, out_interest
+
+
+_NONE = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # sorts after every packed result
+
+
+def _id_bits(K: int) -> int:
+    """Bits left for the item id beside the interest number in the low 32 bits of a packed key;
+    ids up to 2^bits - 2 fit (all ones is what a dropped entry decodes to)."""
+    return 32 - max(1, (K - 1).bit_length())
+
+
+def _flip(bits: np.ndarray) -> np.ndarray:
+    """float32 bit patterns (as int32) <-> uint32-ascending-in-descending-score codes, both ways:
+    a positive float's 31 low bits are inverted, a negative float's kept, so an ascending sort
+    of the codes as unsigned is a descending sort of the floats."""
+    return bits ^ (~(bits >> 31) & np.int32(0x7FFF_FFFF))
+
+
+def _merge_best_packed(
+    D: np.ndarray, I: np.ndarray, dropped: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 'best' merge by sorting one 64-bit key per result instead of a three-key lexsort.
+
+    key = [score code: 32 bits][interest][id], so an ascending sort of each user's keys is
+    (score desc, interest asc, id asc) and the key alone gives back score, interest and id.
+    The first occurrence of an id in that order is its best; later copies are found by a
+    sort of (id, position) keys, dropped, and the keys sorted again. Needs ids < 2^_id_bits(K) - 1.
+    """
+    U, K, k = I.shape
+    M = K * k
+    id_bits = _id_bits(K)
+    id_mask = np.uint64((1 << id_bits) - 1)
+    scores = D.reshape(U, M).astype(np.float32) + np.float32(0.0)  # -0.0 -> +0.0: equal scores, equal codes
+    key = _flip(scores.view(np.int32)).view(np.uint32).astype(np.uint64)  # (U, M)
+    key <<= np.uint64(32)
+    key |= np.repeat(np.arange(K, dtype=np.uint64), k) << np.uint64(id_bits)  # interest of each column
+    key |= I.reshape(U, M).astype(np.uint64) & id_mask  # -1 ids are dropped below
+    key[dropped.reshape(U, M)] = _NONE
+    key.sort(axis=1)  # (U, M) best first, dropped last
+
+    # later copies of an id: sort (id, position) pairs; an id equal to its predecessor's is one
+    # (dropped entries decode to id_mask, never a real id, and are already dropped)
+    by_id = (key & id_mask) << np.uint64(32)
+    by_id |= np.arange(M, dtype=np.uint64)
+    by_id.sort(axis=1)
+    rows, cols = np.nonzero((by_id[:, 1:] >> np.uint64(32)) == (by_id[:, :-1] >> np.uint64(32)))
+    key[rows, (by_id[rows, cols + 1] & np.uint64(0xFFFF_FFFF)).astype(np.int64)] = _NONE
+    key.sort(axis=1)
+
+    head = key[:, :n]  # (U, min(n, M))
+    got = head != _NONE
+    w = head.shape[1]
+    out_ids = np.full((U, n), -1, dtype=np.int64)
+    out_scores = np.full((U, n), -np.inf, dtype=np.float32)
+    out_interest = np.full((U, n), -1, dtype=np.int64)
+    out_ids[:, :w] = np.where(got, (head & id_mask).astype(np.int64), -1)
+    codes = (head >> np.uint64(32)).astype(np.uint32).view(np.int32)
+    out_scores[:, :w] = np.where(got, _flip(codes).view(np.float32), -np.inf)
+    interest = (head >> np.uint64(id_bits)) & np.uint64((1 << (32 - id_bits)) - 1)
+    out_interest[:, :w] = np.where(got, interest.astype(np.int64), -1)
+    return out_ids, out_scores, out_interest
+
+
+def _merge_best_one(
+    D: np.ndarray, I: np.ndarray, dropped: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 'best' merge of one user (D, I, dropped: (1, K, k)): a request's merge, in as few
+    numpy calls as it takes, since at that size their overhead is the cost."""
+    _, K, k = I.shape
+    keep = ~dropped.reshape(-1)  # (K*k,)
+    ids = I.reshape(-1)[keep].astype(np.int64)  # (m,)
+    scores = D.reshape(-1)[keep].astype(np.float32)
+    interest = np.repeat(np.arange(K, dtype=np.int64), k)[keep]
+    order = np.lexsort((ids, interest, -scores))  # (score desc, interest asc, id asc)
+    ids, scores, interest = ids[order], scores[order], interest[order]
+    first = np.unique(ids, return_index=True)[1]  # each id's first, i.e. best, entry
+    first.sort()
+    first = first[:n]
+    w = first.size
+    out_ids = np.full((1, n), -1, dtype=np.int64)
+    out_scores = np.full((1, n), -np.inf, dtype=np.float32)
+    out_interest = np.full((1, n), -1, dtype=np.int64)
+    out_ids[0, :w], out_scores[0, :w], out_interest[0, :w] = ids[first], scores[first], interest[first]
+    return out_ids, out_scores, out_interest
+
+
+def _first_of_each_id(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """(U, m) bool: the entry is the first of its id in its row (rows in score order)."""
+    # a stable sort by id puts the first occurrence first among its duplicates
+    by_id = np.argsort(ids, axis=1, kind="stable")  # (U, m)
+    sorted_ids = np.take_along_axis(ids, by_id, axis=1)
+    first = np.ones_like(keep)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    np.put_along_axis(first, by_id, first.copy(), axis=1)  # back to score order
+    return first
 
 
 def _share_one(
@@ -323,25 +487,25 @@ def _share_one(
 
 
 def _excluded(ids: np.ndarray, exclude: Sequence[np.ndarray] | None) -> np.ndarray:
-    """(U, m) bool: ids[u, j] is in exclude[u], by one sorted search over (user, id) keys."""
+    """(U, m) bool: ids[u, j] is in exclude[u] (and not -1).
+
+    One boolean mark per id that can occur in the results, set for a user's exclusions, read
+    at their results and cleared: O(|exclude[u]| + m) per user, no sort of anyone's list."""
     U = ids.shape[0]
+    out = np.zeros(ids.shape, dtype=bool)
     if exclude is None:
-        return np.zeros(ids.shape, dtype=bool)
+        return out
     if len(exclude) != U:
         raise ValueError(f"exclude has {len(exclude)} users, the results have {U}")
-    span = int(ids.max(initial=-1)) + 1  # ids at or beyond span can never match a result
-    if span == 0:
-        return np.zeros(ids.shape, dtype=bool)
-    ex = [np.asarray(e, dtype=np.int64).ravel() for e in exclude]
-    ex_users = np.repeat(np.arange(U, dtype=np.int64), [e.size for e in ex])
-    ex_ids = np.concatenate(ex) if ex else np.zeros(0, dtype=np.int64)
-    inside = (ex_ids >= 0) & (ex_ids < span)
-    ex_keys = np.sort(ex_users[inside] * span + ex_ids[inside])
-    if ex_keys.size == 0:
-        return np.zeros(ids.shape, dtype=bool)
-    keys = np.arange(U, dtype=np.int64)[:, None] * span + ids  # (U, m)
-    at = np.minimum(np.searchsorted(ex_keys, keys), ex_keys.size - 1)  # faster than np.isin here
-    return (ex_keys[at] == keys) & (ids >= 0)
+    span = int(ids.max(initial=-1)) + 1  # exclusions at or beyond span can never match a result
+    mark = np.zeros(span + 1, dtype=bool)  # mark[span] (= mark[-1]): where every out-of-range id lands
+    for u in range(U):
+        e = np.clip(exclude[u], -1, span)
+        mark[e] = True
+        out[u] = mark[ids[u]]  # a -1 result reads mark[span]: cleared by the last line
+        mark[e] = False
+    out &= ids >= 0
+    return out
 
 
 def _as_float32_2d(x: np.ndarray, name: str) -> np.ndarray:
@@ -351,6 +515,18 @@ def _as_float32_2d(x: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} hold NaN or infinite values")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index inside any pre-transform (OPQ, PCA), refinement or id map, downcast."""
+    index = faiss.downcast_index(index)
+    while True:
+        if isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return index
 
 
 def _nlist(index: faiss.Index) -> int | None:

@@ -3,6 +3,10 @@
 Used alike by `query`, by validation during training and by `evaluate`, so the figures
 measure exactly what a user is served. FAISS ids are row positions: item index i
 (1..N) is FAISS id i - 1.
+
+The history is excluded by searching n + min(n, longest history) deep and searching again
+only for the rare user whose lists the exclusion emptied (index.faiss_index.search_top_n),
+so a long history costs neither every search nor every merge.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.faiss_index import merge_interests, search_interests
+from index.faiss_index import search_top_n
 from retrieval.data import Dataset
 from retrieval.mind import MIND
 from retrieval.samples import make_batch
@@ -29,27 +33,30 @@ class Recommendations:
     interest: np.ndarray  # (U, n) which interest retrieved the item, -1 where fewer
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interest_vectors(
     model: MIND, ds: Dataset, users: np.ndarray, ends: np.ndarray, batch_size: int = 2048
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interest vectors (U, K, D) float32, active mask (U, K) and routing mass (U, K) per user,
     from the history before position ends[u] (its last L behaviours)."""
-    model.eval()
+    if model.training:  # eval() walks every module: too slow to repeat for each request
+        model.eval()
     L = model.config.max_len
-    vecs, actives, masses = [], [], []
+    parts = []
     for i in range(0, len(users), batch_size):
         b = make_batch(ds, users[i : i + batch_size], ends[i : i + batch_size], L)
-        v, a, m = model.user_vectors(b)
-        vecs.append(v.numpy().astype(np.float32))
-        actives.append(a.numpy())
-        masses.append(m.numpy())
+        v, a, m = model.user_vectors(b)  # (B, K, D), (B, K), (B, K)
+        parts.append((v.numpy(), a.numpy(), m.numpy()))
+    if len(parts) == 1:
+        return parts[0]
+    vecs, actives, masses = zip(*parts)
     return np.concatenate(vecs), np.concatenate(actives), np.concatenate(masses)
 
 
 def history_rows(ds: Dataset, users: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
     """FAISS ids (item index - 1) of every item each user has seen before position ends[u]."""
-    return [ds.items[ds.offsets[u] : ds.offsets[u] + e].astype(np.int64) - 1 for u, e in zip(users, ends)]
+    starts = ds.offsets[users]
+    return [ds.items[s : s + e].astype(np.int64) - 1 for s, e in zip(starts.tolist(), np.asarray(ends).tolist())]
 
 
 def recommend(
@@ -66,14 +73,14 @@ def recommend(
     out_i, out_s, out_k = [], [], []
     for i in range(0, len(users), batch_size):
         u, e = users[i : i + batch_size], ends[i : i + batch_size]
-        V, A, W = interest_vectors(model, ds, u, e)
+        V, A, W = interest_vectors(model, ds, u, e)  # (B, K, D), (B, K), (B, K)
         exclude = history_rows(ds, u, e)
-        k = min(index.ntotal, n + max((len(x) for x in exclude), default=0))
-        D, I = search_interests(index, V, A, k)
-        ids, scores, which = merge_interests(
-            D, I, n, exclude=exclude, strategy=merge, weights=W if merge == "share" else None
-        )
+        ids, scores, which = search_top_n(
+            index, V, A, n, exclude=exclude, strategy=merge, weights=W if merge == "share" else None
+        )  # (B, n) each
         out_i.append(np.where(ids >= 0, ids + 1, 0))
         out_s.append(scores)
         out_k.append(which)
+    if len(out_i) == 1:
+        return Recommendations(out_i[0], out_s[0], out_k[0])
     return Recommendations(np.concatenate(out_i), np.concatenate(out_s), np.concatenate(out_k))

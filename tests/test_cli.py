@@ -48,6 +48,32 @@ def test_generate_writes_the_library_log(invoke, tmp_path):
         assert (tmp_path / "cli" / path.name).read_bytes() == path.read_bytes()
 
 
+def test_generate_parquet_vectorised_writes_the_library_log(invoke, tmp_path):
+    result = invoke("generate", "--out", tmp_path / "cli", "--users", "30", "--items", "400", "--seed", "4",
+                    "--format", "parquet", "--method", "vectorised", "--topics", "12", "--max-len", "30", "--mean-len", "25")
+    assert result.exit_code == 0, result.output
+    expected = generate(tmp_path / "lib", SyntheticConfig(n_users=30, n_items=400, seed=4, n_topics=12, max_len=30, mean_len=25.0,
+                                                          method="vectorised"), fmt="parquet")
+    assert expected["interactions"].suffix == ".parquet"
+    for name, path in expected.items():
+        got = tmp_path / "cli" / path.name
+        assert f"{name}: {got}" in result.stdout.splitlines()
+        if path.suffix == ".parquet":
+            assert pl.read_parquet(got).equals(pl.read_parquet(path))
+        else:
+            assert got.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--format", "tsv", "--format must be csv or parquet, got 'tsv'"),
+    ("--method", "fast", "--method must be per_user or vectorised, got 'fast'"),
+])
+def test_generate_rejects_an_unknown_format_or_method(invoke, tmp_path, option, value, message):
+    result = invoke("generate", "--out", tmp_path / "data", option, value)
+    assert_clean_error(result, message)
+    assert not (tmp_path / "data").exists()
+
+
 def test_generate_rejects_sizes_the_config_cannot_hold(invoke, tmp_path):
     with pytest.raises(ValueError) as err:
         SyntheticConfig(n_users=10, n_items=50, seed=0)

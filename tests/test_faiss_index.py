@@ -12,6 +12,8 @@ from index.faiss_index import (
     merge_interests,
     save_index,
     search_interests,
+    search_param_name,
+    search_top_n,
     set_search_param,
 )
 from retrieval.errors import ArtifactError, RetrievalError
@@ -179,6 +181,98 @@ def test_merge_best_matches_per_user_dict():
         assert ids[u, :m].tolist() == [i for i, _ in top] and (ids[u, m:] == -1).all()
         assert scores[u, :m].tolist() == [s for _, (s, _) in top]
         assert interest[u, :m].tolist() == [j for _, (_, j) in top]
+
+
+def test_merge_best_packed_keys_match_the_lexsort_path():
+    # ids below 2^30 take the packed 64-bit key sort; the same ids shifted past 2^31 cannot
+    # be packed and take the three-key lexsort; one user alone takes the request path.
+    # Shifting keeps id order, so all must agree, through ties, -0.0 against 0.0,
+    # duplicates across interests, -1 ids and exclusions.
+    rng = np.random.default_rng(3)
+    U, K, k, n = 40, 4, 12, 10
+    I = rng.integers(-1, 60, size=(U, K, k))
+    D = (rng.integers(-8, 8, size=(U, K, k)) / 4).astype(np.float32)  # many exact ties
+    D[D == 0] = np.where(rng.random((D == 0).sum()) < 0.5, -0.0, 0.0)
+    D[I < 0] = NEG
+    exclude = [rng.choice(60, size=int(rng.integers(0, 8)), replace=False) for _ in range(U)]
+    shift = 1 << 31
+    big = np.where(I >= 0, I + shift, -1)
+    packed = merge_interests(D, I, n=n, exclude=exclude)
+    general = merge_interests(D, big, n=n, exclude=[e + shift for e in exclude])
+    np.testing.assert_array_equal(packed[0], np.where(general[0] >= 0, general[0] - shift, -1))
+    np.testing.assert_array_equal(packed[1], general[1])
+    np.testing.assert_array_equal(packed[2], general[2])
+    for u in range(U):  # one user at a time, as a request is merged
+        one = merge_interests(D[u : u + 1], I[u : u + 1], n=n, exclude=exclude[u : u + 1])
+        for a, b in zip(one, packed, strict=True):
+            np.testing.assert_array_equal(a[0], b[u])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_search_top_n_equals_the_deep_search(data, factory):
+    # The deep search (every interest n + longest history deep) against search_top_n, which
+    # searches n + slack deep and again only for users whose lists the exclusion emptied.
+    xb, xq = data
+    index = build_index(xb, factory)
+    if factory != "Flat":
+        set_search_param(index, "nprobe", 4)
+    U, K, n = 50, 3, 10
+    queries = xq[: U * K].reshape(U, K, -1)
+    mask = np.random.default_rng(0).random((U, K)) < 0.8
+    _, top = index.search(queries.reshape(U * K, -1), 40)
+    top = top.reshape(U, K, 40)
+    # every 5th user has its first interest's 30 best results in its history: 2 deep is not enough
+    exclude = [
+        top[u, 0, :30] if u % 5 == 0 else np.random.default_rng(u).choice(len(xb), 20, replace=False)
+        for u in range(U)
+    ]
+    spy = SpyIndex(index)
+    got = search_top_n(spy, queries, mask, n, exclude=exclude, slack=5)
+    D, I = search_interests(index, queries, mask, n + 30)
+    want = merge_interests(D, I, n, exclude=exclude)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(spy.calls) == 2  # the first search, then the users with an emptied list
+    again = [u for u in range(U) if u % 5 == 0 and mask[u, 0]]
+    assert len(spy.calls[1]) == mask[again].sum()
+    assert (got[0][~mask.any(1)] == -1).all()
+
+
+def test_search_top_n_share_merge_and_no_exclusion(data):
+    xb, xq = data
+    index = build_index(xb, "Flat")
+    U, K, n = 6, 2, 5
+    queries = xq[: U * K].reshape(U, K, -1)
+    mask = np.ones((U, K), dtype=bool)
+    w = np.random.default_rng(1).random((U, K))
+    _, top = index.search(queries.reshape(U * K, -1), 20)
+    exclude = [top[u * K, :12] for u in range(U)]  # forces the second search for every user
+    got = search_top_n(index, queries, mask, n, exclude=exclude, strategy="share", weights=w, slack=0)
+    D, I = search_interests(index, queries, mask, n + 12)
+    want = merge_interests(D, I, n, exclude=exclude, strategy="share", weights=w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    D, I = search_interests(index, queries, mask, n)
+    np.testing.assert_array_equal(search_top_n(index, queries, mask, n)[0], merge_interests(D, I, n)[0])
+
+
+@pytest.mark.parametrize(
+    ("factory", "name"),
+    [("IVF8,Flat", "nprobe"), ("OPQ8,IVF8,PQ8", "nprobe"), ("HNSW16", "efSearch"), ("Flat", None), ("PQ8", None)],
+)
+def test_search_param_name(data, factory, name):
+    assert search_param_name(build_index(data[0][:2000], factory)) == name
+
+
+def test_load_applies_the_recorded_search_param(tmp_path, data):
+    xb, _ = data
+    save_index(build_index(xb, "IVF16,Flat"), tmp_path / "idx", {"search_param": "nprobe", "search_value": 7})
+    assert faiss.extract_index_ivf(load_index(tmp_path / "idx")[0]).nprobe == 7
+    save_index(build_index(xb[:300], "HNSW16"), tmp_path / "hnsw", {"search_param": "efSearch", "search_value": 99})
+    assert faiss.downcast_index(load_index(tmp_path / "hnsw")[0]).hnsw.efSearch == 99
+    save_index(build_index(xb[:300], "Flat"), tmp_path / "flat", {"search_param": "nprobe", "search_value": 3})
+    with pytest.raises(ArtifactError, match=r"flat: manifest search parameter nprobe=3 does not apply to a"):
+        load_index(tmp_path / "flat")
 
 
 def test_merge_share_hand_made():
