@@ -218,3 +218,24 @@ def test_item_vectors_are_the_training_representation():
     ids = torch.arange(1, 21)
     assert torch.allclose(m.item_vectors(), m.item_embed(ids))
     assert torch.all(m.item_embed(torch.tensor([0])) == 0)
+
+
+def test_item_embed_of_a_large_call_equals_the_per_slot_embedding_and_its_gradients():
+    """Above UNIQUE_FROM ids each distinct item is encoded once: same values, same gradients."""
+    from retrieval import mind as mind_module
+
+    ids = torch.randint(0, 21, (64, 40), generator=torch.Generator().manual_seed(1))  # 2560 ids, padding included
+    assert ids.numel() >= mind_module.UNIQUE_FROM
+    results = []
+    for unique_from in (mind_module.UNIQUE_FROM, 10**9):  # the distinct-ids path, then the per-slot path
+        model = _model(sparse=False)
+        mind_module.UNIQUE_FROM, saved = unique_from, mind_module.UNIQUE_FROM
+        try:
+            e = model.item_embed(ids)
+        finally:
+            mind_module.UNIQUE_FROM = saved
+        (e * torch.arange(e.numel()).reshape(e.shape).sin()).sum().backward()
+        results.append((e.detach(), model.item_id.weight.grad.clone(), model.item_fields["cat"].emb.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[0][0][ids == 0], torch.zeros(int((ids == 0).sum()), D))
