@@ -63,7 +63,9 @@ class Dice(nn.Module):
         shape = s.shape
         flat = s.reshape(-1, shape[-1])  # (B*, dim)
         p = torch.sigmoid(self.bn(flat)).reshape(shape)
-        return s * (self.alpha + p * (1 - self.alpha))  # = p s + (1 - p) alpha s, in three passes instead of five
+        if torch.is_grad_enabled():
+            return s * (self.alpha + p * (1 - self.alpha))  # = p s + (1 - p) alpha s, in three passes instead of five
+        return p.mul_(1 - self.alpha).add_(self.alpha).mul_(s)  # scoring: the same, in place (no new buffers)
 
 
 Activation = str  # "dice" | "prelu" | "relu" | "sigmoid"
@@ -120,6 +122,11 @@ class ActivationUnit(nn.Module):
         per_query = F.linear(query, Wq - Wd, first.bias)  # (B, H1) or (B, L, H1)
         if query.dim() == 2:
             query, per_query = query.unsqueeze(1), per_query.unsqueeze(1)  # (B, 1, D), (B, 1, H1)
+        if not self.training:  # no batch statistics: every slot alone, padding zeroed after (no gather/scatter)
+            x = torch.cat([keys, keys * query.expand_as(keys)], dim=-1)  # (B, L, 2D)
+            h = F.linear(x, torch.cat([Wk + Wd, Wp], dim=1)) + per_query  # (B, L, H1)
+            w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask, 0.0)  # (B, L)
+            return (w.unsqueeze(-1) * keys).sum(1), w
         k = keys[mask]  # (n_real, D)
         q = query.expand_as(keys)[mask]  # (n_real, D)
         x = torch.cat([k, k * q], dim=-1)  # (n_real, 2D)
