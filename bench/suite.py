@@ -25,6 +25,7 @@ evidence. Not part of the test suite: tests/test_bench.py runs a smoke version.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -78,7 +79,7 @@ def run_part(part: str, scale: str, out: Path, public_python: Path, collect: boo
     entry["result"] = json.loads(result_path.read_text())
     entry["status"] = "ok"
     if collect:
-        entry["table"] = _saved_table(result_path)
+        entry["table"] = _saved_table(part, result_path, entry["result"])
     return entry
 
 
@@ -87,9 +88,15 @@ def _table_text(stdout: str) -> str:
     return "\n".join(line for line in stdout.rstrip().splitlines() if not line.startswith("report:")).strip()
 
 
-def _saved_table(result_path: Path) -> str:
+def _saved_table(part: str, result_path: Path, result: dict[str, Any]) -> str:
+    """The table saved beside a part's JSON, else the part module's own table() of it."""
     txt = result_path.with_suffix(".txt")
-    return txt.read_text() if txt.is_file() else "(table: see the JSON)"
+    if txt.is_file():
+        return txt.read_text().rstrip()
+    try:
+        return importlib.import_module(f"bench.bench_{part}").table(result)
+    except Exception as err:  # a part's module may need its own environment (public: the throwaway venv)
+        return f"(table not rendered here: {type(err).__name__}: {err}; see {result_path})"
 
 
 def run_suite(scale: str, out: Path, parts: list[str], public_python: Path = DEFAULT_PUBLIC_PYTHON,
