@@ -211,12 +211,19 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def part_main(name: str, doc: str | None, scales: Any, run: Callable[[str, Path], dict[str, Any]],
+              table: Callable[[dict[str, Any]], str], argv: list[str] | None = None) -> None:
+    """The command line every part shares: --scale and --out; runs the part, writes OUT/NAME.json
+    atomically and prints its table."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(scales), default="smoke")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(argv)
+    res = run(args.scale, args.out)
+    atomic_write_json(args.out / f"{name}.json", res)
+    print(table(res))
+
+
 if __name__ == "__main__":
     if not stage_main(STAGES, sys.argv[1:]):
-        parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-        parser.add_argument("--scale", choices=sorted(SCALES), default="smoke")
-        parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-        args = parser.parse_args()
-        res = run(args.scale, args.out)
-        atomic_write_json(args.out / "bench_ingest.json", res)
-        print(table(res))
+        part_main("bench_ingest", __doc__, SCALES, run, table)

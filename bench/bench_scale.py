@@ -20,7 +20,6 @@ its alone; they hand over through files under DIR/scale_<scale>/:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import ensure_data, peak_rss_mb, run_stage, stage_main  # noqa: E402
+from bench.bench_ingest import ensure_data, part_main, peak_rss_mb, run_stage, stage_main  # noqa: E402
 from data.synthetic import SyntheticConfig  # noqa: E402
 from retrieval.artifacts import atomic_write_json, package_versions  # noqa: E402
 
@@ -310,10 +309,4 @@ def table(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     if not stage_main(STAGES, sys.argv[1:]):
-        parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-        parser.add_argument("--scale", choices=sorted(PLANS), default="smoke")
-        parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-        args = parser.parse_args()
-        res = run(args.scale, args.out)
-        atomic_write_json(args.out / "bench_scale.json", res)
-        print(table(res))
+        part_main("bench_scale", __doc__, PLANS, run, table)

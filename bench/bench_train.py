@@ -14,7 +14,6 @@ the same batches.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from retrieval.artifacts import atomic_write_json, package_versions  # noqa: E402
+from retrieval.artifacts import package_versions  # noqa: E402
 from retrieval.data import Dataset, DataSpec, item_counts, load_dataset, split_users  # noqa: E402
 from retrieval.mind import MIND, MINDConfig, log_expected_counts  # noqa: E402
 from retrieval.samples import make_batch, training_positions  # noqa: E402
@@ -231,10 +230,6 @@ def table(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--scale", choices=sorted(SCALES), default="smoke")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = parser.parse_args()
-    res = run(args.scale, args.out)
-    atomic_write_json(args.out / "bench_train.json", res)
-    print(table(res))
+    from bench.bench_ingest import part_main
+
+    part_main("bench_train", __doc__, SCALES, run, table)
