@@ -44,6 +44,8 @@ class PooledEmbedding(nn.Module):
         self.emb = nn.Embedding(num, dim, padding_idx=0, sparse=sparse)
 
     def forward(self, ids: Tensor) -> Tensor:  # (..., M) -> (..., D)
+        if ids.shape[-1] == 1:  # single-valued field: the mean of one value is that value (or the zero row)
+            return self.emb(ids[..., 0])
         e = self.emb(ids)  # (..., M, D)
         n = (ids != 0).sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
         return e.sum(-2) / n

@@ -88,8 +88,8 @@ def b2i_routing(
     if iters < 1:
         raise ValueError(f"routing needs at least one iteration, got {iters}")
     for it in range(iters):
-        w = masked_softmax(b, interest.expand_as(b), dim=1)  # (B, K, L) softmax over interests
-        w = w * behaviour  # padded behaviours take no part
+        # softmax over interests (at least one is active, K' >= 1), padded behaviours take no part
+        w = torch.softmax(b.masked_fill(~interest, float("-inf")), dim=1) * behaviour  # (B, K, L)
         last = it == iters - 1
         z = w @ (u_hat if last else u_hat_fixed)  # (B, K, D)
         caps = squash(z)
