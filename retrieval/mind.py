@@ -177,7 +177,10 @@ class MIND(nn.Module):
         cost far more than one sort. The values are the same either way."""
         if ids.numel() >= UNIQUE_FROM and self.item_fields:
             uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-            return self._item_embed(uniq)[inverse]  # (..., D)
+            # index_select, not rep[inverse]: its backward (index_add) is deterministic on CPU,
+            # advanced indexing's (index_put with accumulate) is not with several threads
+            rep = self._item_embed(uniq)  # (U, D)
+            return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D)
         return self._item_embed(ids)
 
     def _item_embed(self, ids: Tensor) -> Tensor:

@@ -162,6 +162,17 @@ def test_protocol_pairs_without_ground_truth_are_empty_and_training_refuses():
         train_ranker(ds, split, RankTrainConfig(model="base", epochs=1, dim=4), show_progress=False)
 
 
+@pytest.mark.parametrize("model", ["din", "dien"])
+def test_train_ranker_is_deterministic_for_a_seed(small, model):
+    """Same seed, same weights, bit for bit, with torch's default threads (the distinct-item
+    gather's backward must not depend on thread scheduling)."""
+    ds, split = small.dataset, small.split
+    cfg = RankTrainConfig(model=model, epochs=1, dim=4, max_len=20, seed=3)
+    a, b = (train_ranker(ds, split, cfg, show_progress=False).model.state_dict() for _ in range(2))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------- training pairs
 
 

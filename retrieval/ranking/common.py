@@ -79,7 +79,8 @@ class ItemEncoder(nn.Module):
         uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
         parts = [self.id(uniq)] + [m(getattr(self, f"feat_{f}")[uniq]) for f, m in self.fields.items()]
         rep = torch.cat(parts, dim=-1) * (uniq != 0).unsqueeze(-1)  # (U, D_item)
-        return rep[inverse]  # (..., D_item)
+        # index_select, not rep[inverse]: its backward is deterministic on CPU with several threads
+        return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D_item)
 
     def embedding_rows(self, ids: Tensor) -> list[tuple[nn.Embedding, Tensor]]:
         """(table, row ids) pairs that `ids` touches, for the mini-batch-aware regulariser."""
