@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -31,6 +31,18 @@ def mlp(sizes: Sequence[int], final_activation: bool = True) -> nn.Sequential:
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def encode_distinct(encode: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
+    """encode(ids) (..., D) computed once per distinct id and gathered.
+
+    A batch's histories repeat items, and encoding an item (its id and pooled side
+    features) per slot costs far more than one sort; values and gradients are the same.
+    The gather is index_select, not rep[inverse]: its backward (index_add) is deterministic
+    on CPU, advanced indexing's (index_put with accumulate) is not with several threads."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
+    rep = encode(uniq)  # (U, D)
+    return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D)
 
 
 class PooledEmbedding(nn.Module):
@@ -124,24 +136,19 @@ class ActivationUnit(nn.Module):
         per_query = F.linear(query, Wq - Wd, first.bias)  # (B, H1) or (B, L, H1)
         if query.dim() == 2:
             query, per_query = query.unsqueeze(1), per_query.unsqueeze(1)  # (B, 1, D), (B, 1, H1)
+        per_key = torch.cat([Wk + Wd, Wp], dim=1)  # (H1, 2D): applied to [k, k ⊙ q]
         if not self.training:  # no batch statistics: every slot alone, padding zeroed after (no gather/scatter)
             x = torch.cat([keys, keys * query.expand_as(keys)], dim=-1)  # (B, L, 2D)
-            h = F.linear(x, torch.cat([Wk + Wd, Wp], dim=1)) + per_query  # (B, L, H1)
+            h = F.linear(x, per_key) + per_query  # (B, L, H1)
             w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask, 0.0)  # (B, L)
             return (w.unsqueeze(-1) * keys).sum(1), w
         k = keys[mask]  # (n_real, D)
         q = query.expand_as(keys)[mask]  # (n_real, D)
         x = torch.cat([k, k * q], dim=-1)  # (n_real, 2D)
-        h = F.linear(x, torch.cat([Wk + Wd, Wp], dim=1)) + per_query.expand(*mask.shape, -1)[mask]  # (n_real, H1)
+        h = F.linear(x, per_key) + per_query.expand(*mask.shape, -1)[mask]  # (n_real, H1)
         w = keys.new_zeros(mask.shape)  # (B, L)
         w = w.masked_scatter(mask, self.mlp[1:](h).squeeze(-1).to(w.dtype))
         return (w.unsqueeze(-1) * keys).sum(1), w
-
-    def reference(self, keys: Tensor, query: Tensor, mask: Tensor) -> Tensor:
-        """The weights (B, L) by the paper's formula, the MLP over the concatenated 4D input (for tests)."""
-        q = query.unsqueeze(1).expand_as(keys) if query.dim() == 2 else query  # (B, L, D)
-        x = torch.cat([keys, q, keys - q, keys * q], dim=-1)[mask]  # (n_real, 4D)
-        return keys.new_zeros(mask.shape).masked_scatter(mask, self.mlp(x).squeeze(-1))
 
 
 class TargetAttention(nn.Module):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.layers import PooledEmbedding, masked_softmax, mlp, squash
+from retrieval.layers import PooledEmbedding, encode_distinct, masked_softmax, mlp, squash
 
 UNIQUE_FROM = 1024  # item_embed encodes distinct ids once from this many ids on (a sort pays off)
 
@@ -176,11 +176,7 @@ class MIND(nn.Module):
         gathers: pooling the side features per slot, and the sparse gradient rows it makes,
         cost far more than one sort. The values are the same either way."""
         if ids.numel() >= UNIQUE_FROM and self.item_fields:
-            uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-            # index_select, not rep[inverse]: its backward (index_add) is deterministic on CPU,
-            # advanced indexing's (index_put with accumulate) is not with several threads
-            rep = self._item_embed(uniq)  # (U, D)
-            return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D)
+            return encode_distinct(self._item_embed, ids)
         return self._item_embed(ids)
 
     def _item_embed(self, ids: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.layers import PooledEmbedding
+from retrieval.layers import PooledEmbedding, encode_distinct
 
 
 @dataclass
@@ -73,14 +73,12 @@ class ItemEncoder(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """ids (...) item indices, 0 = padding -> (..., D_item), zero on padding.
 
-        Each distinct item of the call is encoded once and then gathered: a (B, L) history
-        repeats items, and pooling multi-valued features per position costs far more than
-        one sort. Same values and gradients as encoding every position."""
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-        parts = [self.id(uniq)] + [m(getattr(self, f"feat_{f}")[uniq]) for f, m in self.fields.items()]
-        rep = torch.cat(parts, dim=-1) * (uniq != 0).unsqueeze(-1)  # (U, D_item)
-        # index_select, not rep[inverse]: its backward is deterministic on CPU with several threads
-        return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D_item)
+        Each distinct item of the call is encoded once and then gathered (`encode_distinct`)."""
+        return encode_distinct(self._encode, ids)
+
+    def _encode(self, ids: Tensor) -> Tensor:
+        parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]
+        return torch.cat(parts, dim=-1) * (ids != 0).unsqueeze(-1)  # (..., D_item)
 
     def embedding_rows(self, ids: Tensor) -> list[tuple[nn.Embedding, Tensor]]:
         """(table, row ids) pairs that `ids` touches, for the mini-batch-aware regulariser."""
