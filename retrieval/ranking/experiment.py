@@ -137,11 +137,15 @@ def run_ranker_experiment(
     per_seed: list[dict[str, Any]] = []
     args = (variants, retrieval_settings, retrieval_train, rank_train, part, m)
 
+    def report(seconds: float) -> dict[str, Any]:
+        return _report(ds, spec, seeds, labels, per_seed, retrieval_settings, retrieval_train, rank_train,
+                       part, m, jobs, seconds)
+
     def done(result: dict[str, Any]) -> None:
         per_seed.append(result)
         per_seed.sort(key=lambda r: seeds.index(r["split_seed"]))
         if on_seed is not None:
-            on_seed(_report(ds, spec, seeds, labels, per_seed, args, jobs, time.perf_counter() - t0))
+            on_seed(report(time.perf_counter() - t0))
 
     if jobs <= 1:
         for seed in seeds:
@@ -151,12 +155,12 @@ def run_ranker_experiment(
             futures = [pool.submit(run_seed, ds, seed, *args, threads=1) for seed in seeds]
             for f in as_completed(futures):
                 done(f.result())
-    return _report(ds, spec, seeds, labels, per_seed, args, jobs, time.perf_counter() - t0)
+    return report(time.perf_counter() - t0)
 
 
 def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str], per_seed: list[dict[str, Any]],
-            args: tuple, jobs: int, seconds: float) -> dict[str, Any]:
-    _, retrieval_settings, retrieval_train, rank_train, part, m = args
+            retrieval_settings: dict[str, Any], retrieval_train: TrainConfig, rank_train: RankTrainConfig,
+            part: str, m: int, jobs: int, seconds: float) -> dict[str, Any]:
     rankers = {
         label: {k: mean_std([s["rankers"][label][k] for s in per_seed]) for k in per_seed[0]["rankers"][label]}
         for label in labels
