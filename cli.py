@@ -222,6 +222,7 @@ def query(
     from index.faiss_index import load_index
     from retrieval.bundle import load_bundle
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     clock.lap("imports")
     if (user is None) == (users_file is None):
@@ -236,7 +237,7 @@ def query(
     ds = b.dataset
     uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
     ends = ds.lengths()[uidx]
-    rec = recommend(b.model, ds, idx, uidx, ends, candidates if rank else n, merge=merge)  # type: ignore[arg-type]
+    rec = recommend(b.model, ds, idx, Histories.of(ds, uidx, ends), candidates if rank else n, merge=merge)  # type: ignore[arg-type]
     clock.lap("search")
     rank_scores = None
     if rank is not None:

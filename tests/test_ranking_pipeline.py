@@ -428,6 +428,7 @@ def ndcg(ranked: np.ndarray, truth: np.ndarray, n: int) -> float:
 def test_two_stage_with_m_equal_n_only_reorders(small, ranker_din):
     from retrieval.evaluate import exact_index, held_out_users
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     ds, split = small.dataset, small.split
     rb = load_ranker(ranker_din, small)
@@ -438,7 +439,7 @@ def test_two_stage_with_m_equal_n_only_reorders(small, ranker_din):
     assert r["two_stage"]["hit_rate@20"] == pytest.approx(r["retrieval_only"]["hit_rate@20"])
     # ... only their order, which NDCG sees: both figures by hand from the two orders
     users, ends, truth = held_out_users(ds, split, "test")
-    cands = recommend(small.model, ds, index, users, ends, 20).items
+    cands = recommend(small.model, ds, index, Histories.of(ds, users, ends), 20).items
     reranked, _ = rerank(rb.model, ds, TouchedItems(ds), users, ends, cands)
     assert r["retrieval_only"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(cands, truth)]))
     assert r["two_stage"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(reranked, truth)]))

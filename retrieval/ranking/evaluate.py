@@ -14,11 +14,12 @@ from retrieval.data import Dataset, Split
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
-from retrieval.mind import MIND
+from retrieval.retrievers import Retriever
 from retrieval.ranking.data import PairSet, TouchedItems, protocol_pairs
 from retrieval.ranking.models import Ranker
 from retrieval.ranking.train import pair_metrics, score_pairs
 from retrieval.recommend import recommend
+from retrieval.samples import Histories
 
 
 def rerank(
@@ -41,7 +42,7 @@ def evaluate_ranker(
     ranker: Ranker,
     ds: Dataset,
     split: Split,
-    retriever: MIND,
+    retriever: Retriever,
     index: faiss.Index,
     part: str = "test",
     m: int = 200,
@@ -54,7 +55,7 @@ def evaluate_ranker(
     t0 = time.perf_counter()
     standalone = pair_metrics(ranker, ds, touched, protocol_pairs(ds, split, part))
     users, ends, truth = held_out_users(ds, split, part)
-    cands = recommend(retriever, ds, index, users, ends, m).items  # (U, M)
+    cands = recommend(retriever, ds, index, Histories.of(ds, users, ends), m).items  # (U, M)
     t1 = time.perf_counter()
     reranked, _ = rerank(ranker, ds, touched, users, ends, cands)
     score_s = time.perf_counter() - t1

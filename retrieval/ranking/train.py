@@ -164,7 +164,8 @@ def hard_negatives(model: Any, ds: Dataset, split: Split, m: int) -> dict[int, n
     them): hard negatives."""
     from retrieval.evaluate import exact_index
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     users = split.train_users
-    rec = recommend(model, ds, exact_index(model), users, split.history_len[users], m)
+    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, split.history_len[users]), m)
     return {int(u): row[row > 0] for u, row in zip(users, rec.items)}
