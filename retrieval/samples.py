@@ -27,6 +27,7 @@ class Sequences(Protocol):
     """Anything holding sequences in CSR form: a Dataset or a Histories."""
 
     items: np.ndarray  # (E,) item indices 1..N
+    times: np.ndarray  # (E,) event times
     offsets: np.ndarray  # (rows+1,) row r's sequence is items[offsets[r]:offsets[r+1]]
 
 
