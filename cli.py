@@ -66,6 +66,26 @@ class _Clock:
         return {**{k: round(v, 6) for k, v in self.phases.items()}, "total": round(sum(self.phases.values()), 6)}
 
 
+def _interest_count(value: str) -> Optional[int]:
+    """--interests as K, or None for auto."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        _fail(f"--interests must be a positive integer or auto, got {value!r}")
+    return k
+
+
+def _check_extractor(name: str) -> None:
+    from retrieval.retrievers import RETRIEVERS
+
+    if name not in RETRIEVERS:
+        _fail(f"--extractor must be one of {', '.join(RETRIEVERS)}, got {name!r}")
+
+
 def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
@@ -73,6 +93,12 @@ def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
 
 
 Interactions = Annotated[Path, typer.Option(help="Interaction log (CSV or Parquet): user, item, timestamp.")]
+InterestsOpt = Annotated[str, typer.Option("--interests", "-k", help="K: most interest vectors per user, or auto: train K = 1, 2, 4, 8 and keep the best on validation users (every K's figures go in the bundle or report).")]
+Extractor = Annotated[str, typer.Option(help="Interest extractor: routing (MIND's B2I dynamic routing) or self-attention (ComiRec-SA).")]
+HardNegatives = Annotated[float, typer.Option(min=0, help="REMI's beta: sampled negatives reweighted by exp(beta * logit), so hard ones count more (0 = off).")]
+PeakPenalty = Annotated[float, typer.Option(min=0, help="REMI's lambda: routing regularisation against interests whose behaviour weights peak on few behaviours (0 = off). With --extractor routing it needs --routing-grad.")]
+RoutingGrad = Annotated[bool, typer.Option("--routing-grad/--no-routing-grad", help="Let gradients through MIND's routing logits (not in the paper; without it --peak-penalty changes nothing on routing).")]
+TargetWindow = Annotated[int, typer.Option(min=1, help="W: each training window's target is drawn from the next W behaviours (1 = the next item).")]
 Items = Annotated[Optional[Path], typer.Option(help="Item side file: id, optional title, feature columns.")]
 Users = Annotated[Optional[Path], typer.Option(help="User-profile file: id and profile columns.")]
 
@@ -120,7 +146,8 @@ def train(
     time_col: Annotated[str, typer.Option(help="Timestamp column (numeric).")] = "timestamp",
     item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns (default: all but id and title).")] = None,
     user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns (default: all but id).")] = None,
-    interests: Annotated[int, typer.Option("--interests", "-k", min=1, help="K: most interest vectors per user.")] = 4,
+    interests: InterestsOpt = "4",
+    extractor: Extractor = "routing",
     dim: Annotated[int, typer.Option(min=2, help="D: embedding size.")] = 64,
     max_len: Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")] = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
@@ -129,31 +156,57 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
-    negatives: Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")] = 512,
+    negatives: Annotated[int, typer.Option(min=0, help="Sampled negatives per batch; 0 = every item (full softmax).")] = 512,
     neg_alpha: Annotated[float, typer.Option(help="Negatives drawn ∝ frequency^alpha (0 = uniform).")] = 1.0,
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")] = 3,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
     merge: Annotated[str, typer.Option(help="Merge of interests for validation: best or share.")] = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
+    hard_negatives: HardNegatives = 0.0,
+    peak_penalty: PeakPenalty = 0.0,
+    routing_grad: RoutingGrad = False,
+    target_window: TargetWindow = 1,
 ) -> None:
-    """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
+    """Train a multi-interest retriever (MIND by default) on the log's training users; write a
+    model bundle (best validation Recall@50)."""
     from retrieval.data import DataSpec, load_dataset, split_users
-    from retrieval.train import TrainConfig, model_config_for, train as run_train
+    from retrieval.train import TrainConfig, model_config_for, search_interests, train as run_train
 
     if merge not in ("best", "share"):
         _fail(f"--merge must be best or share, got {merge!r}")
+    k = _interest_count(interests)
+    _check_extractor(extractor)
     spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
                     item_features=_columns(item_features), user_features=_columns(user_features))
     ds = load_dataset(spec)
     split = split_users(ds, split_seed)
-    cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
-                           pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+    settings = _model_settings(extractor, dim=dim, interests=k or 1, max_len=max_len, pow=pow,
+                               attention="hard" if hard_attention else "power", seed=seed,
+                               hard_negatives=hard_negatives, peak_penalty=peak_penalty,
+                               routing_iters=routing_iters, routing_grad=routing_grad)
+    cfg = model_config_for(ds, extractor, **settings)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps)
-    result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
+                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps,
+                     target_window=target_window)
+    if k is None:
+        search = search_interests(ds, split, cfg, tc, out=out, data_spec=spec)
+        for kk, f in search.figures.items():
+            typer.echo(f"K={kk}  val recall@50 {f['val_recall@50']:.4f}  ndcg@50 {f['val_ndcg@50']:.4f}  "
+                       f"best epoch {f['best_epoch']}" + ("  <- chosen" if kk == search.k else ""))
+        result = search.best
+    else:
+        result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
     typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
                f"{result.samples_per_s:,.0f} samples/s")
+
+
+def _model_settings(extractor: str, **settings: Any) -> dict[str, Any]:
+    """The settings the extractor's config takes: routing's own fields are dropped for the others."""
+    if extractor != "routing":
+        for name in ("routing_iters", "routing_grad"):
+            settings.pop(name, None)
+    return settings
 
 
 @app.command("build-index")
@@ -393,7 +446,8 @@ def experiment(
     user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
     item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
-    interests: Annotated[int, typer.Option("--interests", "-k", min=1)] = 4,
+    interests: InterestsOpt = "4",
+    extractor: Extractor = "routing",
     dim: Annotated[int, typer.Option(min=2)] = 64,
     max_len: Annotated[int, typer.Option(min=1)] = 50,
     pow: Annotated[float, typer.Option(min=0)] = 2.0,
@@ -401,33 +455,44 @@ def experiment(
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 3e-3,
-    negatives: Annotated[int, typer.Option(min=1)] = 512,
+    negatives: Annotated[int, typer.Option(min=0, help="Sampled negatives per batch; 0 = every item (full softmax).")] = 512,
     neg_alpha: Annotated[float, typer.Option()] = 1.0,
     patience: Annotated[int, typer.Option(min=1)] = 3,
     seed: Annotated[int, typer.Option()] = 0,
+    hard_negatives: HardNegatives = 0.0,
+    peak_penalty: PeakPenalty = 0.0,
+    routing_grad: RoutingGrad = False,
+    target_window: TargetWindow = 1,
 ) -> None:
     """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
     from retrieval.artifacts import atomic_write_json
     from retrieval.data import DataSpec, load_dataset
     from retrieval.evaluate import format_table
     from retrieval.experiment import run_experiment
-    from retrieval.train import TrainConfig
+    from retrieval.train import AUTO_INTERESTS, TrainConfig
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    k = _interest_count(interests)
+    _check_extractor(extractor)
     spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
                     item_features=_columns(item_features), user_features=_columns(user_features))
     ds = load_dataset(spec)
-    settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
-                "attention": "hard" if hard_attention else "power", "seed": seed}
+    settings = _model_settings(extractor, interests=k or 1, dim=dim, max_len=max_len, pow=pow,
+                               attention="hard" if hard_attention else "power", seed=seed,
+                               hard_negatives=hard_negatives, peak_penalty=peak_penalty, routing_grad=routing_grad)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed)
-    report = run_experiment(ds, spec, seed_list, settings, tc)
+                     patience=patience, seed=seed, target_window=target_window)
+    report = run_experiment(ds, spec, seed_list, settings, tc, retriever=extractor,
+                            interest_search=AUTO_INTERESTS if k is None else ())
     atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
-               f"wall {report['wall_time_s']:.0f}s")
+    chosen = ""
+    if k is None:
+        chosen = "  K chosen per seed " + ",".join(str(r["interests_search"]["chosen"]) for r in report["per_seed"])
+    typer.echo(f"{report['dataset']}  seeds {seed_list}  {extractor}  K={report['K']} L={max_len} D={dim}  "
+               f"wall {report['wall_time_s']:.0f}s{chosen}")
     typer.echo(format_table(report))
     typer.echo(f"report: {out}")
 

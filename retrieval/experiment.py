@@ -18,7 +18,8 @@ import numpy as np
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
 from retrieval.evaluate import evaluate_models
-from retrieval.train import TrainConfig, model_config_for, train
+from retrieval.retrievers import DEFAULT
+from retrieval.train import TrainConfig, model_config_for, search_interests, train
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,36 @@ def run_experiment(
     config: TrainConfig,
     part: str = "test",
     show_progress: bool = False,
+    retriever: str = DEFAULT,
+    interest_search: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Train and evaluate every model on each split seed; aggregate mean and std per figure."""
+    """Train and evaluate every model on each split seed; aggregate mean and std per figure.
+
+    With `interest_search` (`--interests auto`) the retriever is trained once per K and the
+    K chosen on validation users is reported as "mind"; "mind_k1" is then the search's K=1
+    model: one interest tuned with the same budget."""
     t0 = time.perf_counter()
     per_seed = []
     for seed in seeds:
         split = split_users(ds, seed)
         tc = dataclasses.replace(config, split_seed=seed)
-        cfg = model_config_for(ds, **model_settings)
-        runs = {"mind": train(ds, split, cfg, tc, show_progress=show_progress)}
-        if cfg.interests > 1:
+        cfg = model_config_for(ds, retriever, **model_settings)
+        search = None
+        if interest_search:
+            search = search_interests(ds, split, cfg, tc, interest_search, show_progress=show_progress)
+            runs = {"mind": search.best}
+            if 1 in search.results:
+                runs["mind_k1"] = search.results[1]
+            cfg = search.best.model.config
+        else:
+            runs = {"mind": train(ds, split, cfg, tc, show_progress=show_progress)}
+        if "mind_k1" not in runs and cfg.interests > 1:
             runs["mind_k1"] = train(ds, split, dataclasses.replace(cfg, interests=1), tc, show_progress=show_progress)
         k1 = runs["mind_k1"].model if "mind_k1" in runs else None
         result = evaluate_models(ds, split, runs["mind"].model, None, k1, part, max_len=cfg.max_len)
         result["split_seed"] = seed
+        if search is not None:
+            result["interests_search"] = search.report()
         result["training"] = {
             name: {"best_epoch": r.best_epoch, "epochs_run": len(r.history), "val_recall@50": r.best_recall,
                    "train_samples_per_s": r.samples_per_s,
@@ -75,7 +92,8 @@ def run_experiment(
         "part": part,
         "N": per_seed[0]["N"],
         "L": model_settings.get("max_len", 50),
-        "K": model_settings.get("interests", 4),
+        "K": "auto" if interest_search else model_settings.get("interests", 4),
+        "retriever": retriever,
         "dim": model_settings.get("dim", 64),
         "model_settings": model_settings,
         "train_config": dataclasses.asdict(config),

@@ -8,10 +8,12 @@ leaves the best bundle so far and never a half-written one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ class TrainConfig:
     epochs: int = 30  # most passes over the training windows
     batch_size: int = 256  # windows per step
     lr: float = 3e-3  # Adam learning rate (dense and sparse parameters alike)
-    negatives: int = 512  # S: sampled negatives shared across the batch
+    negatives: int = 512  # S: sampled negatives shared across the batch; 0 = every item (full softmax, no log-Q)
     neg_alpha: float = 1.0  # negatives drawn with q ∝ (train frequency + 1)^alpha; 0 = uniform (1.0: best on validation)
     patience: int = 3  # stop after this many epochs without a better validation Recall@N
     seed: int = 0  # seeds initialisation, shuffling, negatives and routing draws
@@ -46,6 +48,7 @@ class TrainConfig:
     merge: str = "best"  # how interests' results are merged for validation and serving
     threads: int = 0  # torch threads; 0 = leave torch's default
     max_steps: int = 0  # cap on steps per epoch (benchmarks, smoke runs); 0 = the whole epoch
+    target_window: int = 1  # W: a window's target is drawn uniformly from the next W behaviours (1 = next item)
 
 
 @dataclass
@@ -57,11 +60,16 @@ class TrainResult:
     samples_per_s: float
 
 
-def validation_recall(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
-    """Mean Recall@n of validation users, through the serving path on an exact index."""
+def validation_metrics(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> dict[str, float]:
+    """Mean Recall@n, HitRate@n and NDCG@n of validation users, through the serving path on an exact index."""
     users, ends, truth = held_out_users(ds, split, "validation")
     rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, ends), n, merge=merge)
-    return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))[f"recall@{n}"]
+    return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))
+
+
+def validation_recall(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
+    """Mean Recall@n of validation users, through the serving path on an exact index."""
+    return validation_metrics(model, ds, split, n, merge)[f"recall@{n}"]
 
 
 class NegativeSampler:
@@ -156,8 +164,25 @@ class Setup:
     opts: list[torch.optim.Optimizer]
     users: np.ndarray  # (W,) user of each training window
     positions: np.ndarray  # (W,) target position of each window in its user's sequence
-    sampler: NegativeSampler  # draws the S shared negatives of a step ∝ q
-    log_q: torch.Tensor  # (N+1,) log(S q), the log-Q correction
+    sampler: NegativeSampler | None  # draws the S shared negatives of a step ∝ q; None = every item each step
+    log_q: torch.Tensor  # (N+1,) log(S q), the log-Q correction (zeros for the full softmax)
+    ends: np.ndarray  # (U,) training length of each user's sequence: a target never lies beyond it
+    target_window: int  # W: targets drawn from the next W behaviours
+    rng: np.random.Generator  # draws the target offsets within the window
+
+    def negatives(self) -> torch.Tensor:
+        """(S,) the negatives of one step: a draw from q, or every item 1..N."""
+        if self.sampler is None:
+            return torch.arange(1, len(self.log_q), dtype=torch.int64)
+        return self.sampler.draw()
+
+    def targets(self, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(B,) target positions: the window's own position t, or with W > 1 a position drawn
+        uniformly from t .. min(t + W, end) - 1 (the history stays the behaviours before t)."""
+        if self.target_window <= 1:
+            return positions
+        span = np.minimum(self.target_window, self.ends[users] - positions)  # (B,) >= 1
+        return positions + (self.rng.random(len(positions)) * span).astype(np.int64)
 
 
 def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> Setup:
@@ -167,10 +192,15 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> 
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
-    freq = torch.from_numpy(item_counts(ds, split.train_users))
-    q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
-    sampler = NegativeSampler(q, config.negatives, config.seed)
-    return Setup(model, _optimizers(model, config.lr), users, positions, sampler, log_q)
+    if config.negatives == 0:  # full softmax: every item a negative, nothing to correct
+        sampler, log_q = None, torch.zeros(ds.n_items + 1)
+    else:
+        freq = torch.from_numpy(item_counts(ds, split.train_users))
+        q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
+        sampler = NegativeSampler(q, config.negatives, config.seed)
+    rng = np.random.default_rng([config.seed, 1])  # its own stream: W = 1 leaves every other draw as it was
+    return Setup(model, _optimizers(model, config.lr), users, positions, sampler, log_q, split.history_len,
+                 config.target_window, rng)
 
 
 def train_step(model: Retriever, opts: list[torch.optim.Optimizer], batch: Batch, neg: torch.Tensor,
@@ -197,8 +227,9 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
     t0, loss_sum = time.perf_counter(), 0.0
     for s in range(steps):
         idx = order[s * batch_size : (s + 1) * batch_size]  # (B,)
-        batch = make_batch(ds, st.users[idx], st.positions[idx], L, with_target=True)
-        loss_sum += train_step(model, st.opts, batch, st.sampler.draw(), st.log_q)
+        users, positions = st.users[idx], st.positions[idx]
+        batch = make_batch(ds, users, positions, L, with_target=True, target=st.targets(users, positions))
+        loss_sum += train_step(model, st.opts, batch, st.negatives(), st.log_q)
         if bar is not None:
             done = min((s + 1) * batch_size, len(order))
             bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
@@ -238,26 +269,28 @@ def train(
             loss = run_steps(ds, st, order, config.batch_size, bar)
         train_time = time.perf_counter() - t0
         total_samples, total_time = total_samples + len(order), total_time + train_time
-        recall = validation_recall(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
+        val = validation_metrics(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
+        recall = val[f"recall@{config.eval_n}"]
         entry = {
             "epoch": epoch,
             "loss": loss,
             f"val_recall@{config.eval_n}": recall,
+            f"val_ndcg@{config.eval_n}": val[f"ndcg@{config.eval_n}"],
             "samples_per_s": len(order) / train_time,
             "seconds": train_time,
         }
         history.append(entry)
         log.info(
-            "epoch %d  loss %.4f  val recall@%d %.4f  %.0f samples/s  %.1fs",
-            epoch, entry["loss"], config.eval_n, recall, entry["samples_per_s"], train_time,
+            "epoch %d  loss %.4f  val recall@%d %.4f  ndcg@%d %.4f  %.0f samples/s  %.1fs",
+            epoch, entry["loss"], config.eval_n, recall, config.eval_n, val[f"ndcg@{config.eval_n}"],
+            entry["samples_per_s"], train_time,
         )
         if recall > best_recall:
             best_recall, best_epoch, stale = recall, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             if out is not None and data_spec is not None:
-                save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
-                            extra={"best_epoch": epoch, f"val_recall@{config.eval_n}": recall,
-                                   "train_samples_per_s": total_samples / total_time, "history": history})
+                partial = TrainResult(model, history, epoch, recall, total_samples / total_time)
+                save_trained(out, partial, ds, split, model_config, config, data_spec)
         else:
             stale += 1
             if stale >= config.patience:
@@ -266,11 +299,74 @@ def train(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    result = TrainResult(model, history, best_epoch, best_recall, total_samples / total_time)
     if out is not None and data_spec is not None:  # final manifest carries the whole history
-        save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
-                    extra={"best_epoch": best_epoch, f"val_recall@{config.eval_n}": best_recall,
-                           "train_samples_per_s": total_samples / total_time, "history": history})
-    return TrainResult(model, history, best_epoch, best_recall, total_samples / total_time)
+        save_trained(out, result, ds, split, model_config, config, data_spec)
+    return result
+
+
+def save_trained(out: Path, result: TrainResult, ds: Dataset, split: Split, model_config: Any, config: TrainConfig,
+                 data_spec: DataSpec, extra: dict[str, Any] | None = None) -> None:
+    """Write the bundle of a trained model (atomically) with its validation figures and history."""
+    save_bundle(out, result.model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
+                extra={"best_epoch": result.best_epoch, f"val_recall@{config.eval_n}": result.best_recall,
+                       "train_samples_per_s": result.samples_per_s, "history": result.history, **(extra or {})})
+
+
+AUTO_INTERESTS = (1, 2, 4, 8)  # the K that `--interests auto` tries
+
+
+@dataclass
+class InterestSearch:
+    """One model per K, the same settings otherwise; `k` the one chosen on validation."""
+
+    k: int  # the chosen K: best validation Recall@N, the fewer interests on a tie
+    results: dict[int, TrainResult]  # K -> its trained model (at its best epoch) and history
+    figures: dict[int, dict[str, float]]  # K -> validation figures of its best epoch, epochs and seconds
+
+    @property
+    def best(self) -> TrainResult:
+        return self.results[self.k]
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready: the chosen K and every K's validation figures."""
+        return {"chosen": self.k, "by_interests": {str(k): f for k, f in self.figures.items()}}
+
+
+def search_interests(
+    ds: Dataset,
+    split: Split,
+    model_config: Any,
+    config: TrainConfig,
+    ks: Sequence[int] = AUTO_INTERESTS,
+    out: Path | None = None,
+    data_spec: DataSpec | None = None,
+    show_progress: bool = True,
+) -> InterestSearch:
+    """Train the retriever once per number of interests K in `ks` and keep the best on
+    validation Recall@N (the early-stopping figure): the shipped model is never worse on
+    the user's validation data than its own best K. With `out`, the chosen model's bundle
+    records every K's validation figures under "interests_search"."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"the interest counts to try must be >= 1, got {list(ks)}")
+    n = config.eval_n
+    results, figures = {}, {}
+    for k in ks:
+        r = train(ds, split, dataclasses.replace(model_config, interests=k), config, show_progress=show_progress)
+        best = r.history[r.best_epoch - 1]
+        results[k] = r
+        figures[k] = {f"val_recall@{n}": best[f"val_recall@{n}"], f"val_ndcg@{n}": best[f"val_ndcg@{n}"],
+                      "best_epoch": r.best_epoch, "epochs_run": len(r.history),
+                      "train_seconds": round(sum(h["seconds"] for h in r.history), 2),
+                      "train_samples_per_s": r.samples_per_s}
+        log.info("interests %d: val recall@%d %.4f  ndcg@%d %.4f", k, n, best[f"val_recall@{n}"], n,
+                 best[f"val_ndcg@{n}"])
+    chosen = max(ks, key=lambda k: (figures[k][f"val_recall@{n}"], -k))
+    search = InterestSearch(chosen, results, figures)
+    if out is not None and data_spec is not None:
+        save_trained(out, search.best, ds, split, dataclasses.replace(model_config, interests=chosen), config,
+                     data_spec, extra={"interests_search": search.report()})
+    return search
 
 
 def model_config_for(ds: Dataset, retriever: str = DEFAULT, **overrides: Any) -> Any:
