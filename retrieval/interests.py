@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from retrieval.layers import (
     PooledEmbedding,
+    best_interest_softmax_loss,
     encode_distinct,
     label_aware_attention,
     mlp,
@@ -76,7 +77,8 @@ class InterestConfig:
     hidden: int = 256  # width of the first of the two ReLU layers after the capsules
     head_relu: bool = True  # a ReLU after the head's last layer too (the paper); False lets interests be signed
     dropout: float = 0.0  # dropout on the behaviour embeddings the extractor reads (training only)
-    attention: Literal["power", "hard"] = "hard"  # label-aware attention: argmax (best on validation) or softmax(s^p)
+    attention: Literal["power", "hard", "max"] = "hard"  # label-aware attention: argmax, softmax(s^p), or
+    # "max": every candidate (target and negatives) scored by its best interest, as the best-score merge serves
     pow: float = 2.0  # p of the label-aware attention: 0 = mean of interests, large = near hard
     sparse: bool = True  # sparse embedding gradients: a step costs O(batch), not O(vocabulary)
     seed: int = 0  # seeds the initialisation (and MIND's fixed routing draw at inference)
@@ -189,9 +191,13 @@ class InterestModel(nn.Module):
         hard-negative weighting (beta) and routing regularisation (lambda) when set."""
         c = self.config
         it = self.user_vectors(batch)
-        pos_emb = self.item_embed(batch.target)  # (B, D)
-        user = label_aware_attention(it.vectors, it.active, pos_emb, c.pow, hard=c.attention == "hard")
-        loss = sampled_softmax_loss(user, batch.target, pos_emb, neg, self.item_embed(neg), log_q, c.hard_negatives)
+        pos_emb, neg_emb = self.item_embed(batch.target), self.item_embed(neg)  # (B, D), (S, D)
+        if c.attention == "max":
+            loss = best_interest_softmax_loss(it.vectors, it.active, batch.target, pos_emb, neg, neg_emb, log_q,
+                                              c.hard_negatives)
+        else:
+            user = label_aware_attention(it.vectors, it.active, pos_emb, c.pow, hard=c.attention == "hard")
+            loss = sampled_softmax_loss(user, batch.target, pos_emb, neg, neg_emb, log_q, c.hard_negatives)
         if c.peak_penalty:
             loss = loss + c.peak_penalty * peak_penalty(it.weights, batch.mask[:, : c.max_len], it.active)
         return loss

@@ -59,8 +59,33 @@ def sampled_softmax_loss(
     negatives the weights are REMI's exp(beta s_j), and beta = 0 is the plain loss exactly.
     As in the released code, the weights are not detached.
     """
-    pos_logit = (user * pos_emb).sum(-1) - log_q[pos]  # (B,)
-    neg_logit = user @ neg_emb.T - log_q[neg]  # (B, S)
+    return softmax_over_logits((user * pos_emb).sum(-1), user @ neg_emb.T, pos, neg, log_q, beta)
+
+
+def best_interest_softmax_loss(
+    interests: Tensor, active: Tensor, pos: Tensor, pos_emb: Tensor, neg: Tensor, neg_emb: Tensor, log_q: Tensor,
+    beta: float = 0.0,
+) -> Tensor:
+    """The sampled softmax of `sampled_softmax_loss` with every candidate, the target and each
+    negative alike, scored by its best active interest: max_k <interest_k, item>, the score
+    the best-score merge serves. interests (B, K, D), active (B, K), the rest as there.
+
+    Hard label-aware attention scores the target by its best interest but each negative only
+    by that one interest, so an interest is never told about the negatives it would retrieve
+    when another one wins the target; here every interest answers for what it retrieves."""
+    off = ~active  # (B, K)
+    pos_logit = (interests @ pos_emb.unsqueeze(-1)).squeeze(-1).masked_fill(off, float("-inf")).amax(1)  # (B,)
+    neg_logit = (interests @ neg_emb.T).masked_fill(off[:, :, None], float("-inf")).amax(1)  # (B, S)
+    return softmax_over_logits(pos_logit, neg_logit, pos, neg, log_q, beta)
+
+
+def softmax_over_logits(
+    pos_score: Tensor, neg_score: Tensor, pos: Tensor, neg: Tensor, log_q: Tensor, beta: float = 0.0
+) -> Tensor:
+    """Cross-entropy of the target against the shared negatives from raw scores pos_score (B,)
+    and neg_score (B, S): log-Q correction, accidental hits masked, REMI's weights with beta."""
+    pos_logit = pos_score - log_q[pos]  # (B,)
+    neg_logit = neg_score - log_q[neg]  # (B, S)
     hit = neg[None, :] == pos[:, None]  # (B, S) accidental hits
     neg_logit = neg_logit.masked_fill(hit, float("-inf"))
     if beta:

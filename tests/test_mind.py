@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.layers import label_aware_attention, peak_penalty, sampled_softmax_loss, squash
+from retrieval.layers import (
+    best_interest_softmax_loss,
+    label_aware_attention,
+    peak_penalty,
+    sampled_softmax_loss,
+    squash,
+)
 from retrieval.mind import (
     MIND,
     Batch,
@@ -211,6 +217,26 @@ def test_the_peak_penalty_does_nothing_to_paper_routing_and_acts_with_routing_gr
 
     assert torch.equal(s_grad(peak_penalty=10.0), s_grad())
     assert not torch.allclose(s_grad(routing_grad=True, peak_penalty=10.0), s_grad(routing_grad=True))
+
+
+def test_best_interest_softmax_scores_every_candidate_by_its_best_interest():
+    interests = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2, 2): A along x, B along y
+    items = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # item 1 the target, item 2 a negative
+    pos, neg, log_q = torch.tensor([1]), torch.tensor([2]), torch.zeros(3)
+    both = torch.tensor([[True, True]])
+    e = math.e
+    # target: max(1, 0) = 1 (A); negative: max(0, 2) = 2 (B retrieves it, so it counts)
+    loss = best_interest_softmax_loss(interests, both, pos, items[pos], neg, items[neg], log_q)
+    assert math.isclose(loss.item(), -1 + math.log(e + e**2), rel_tol=1e-6)
+    # hard label-aware attention scores the negative by A alone: 0
+    hard_user = label_aware_attention(interests, both, items[pos], pow=1, hard=True)
+    hard = sampled_softmax_loss(hard_user, pos, items[pos], neg, items[neg], log_q)
+    assert math.isclose(hard.item(), -1 + math.log(e + 1), rel_tol=1e-6)
+    # an inactive interest takes no part, and one interest is the plain sampled softmax
+    only_a = torch.tensor([[True, False]])
+    assert torch.allclose(best_interest_softmax_loss(interests, only_a, pos, items[pos], neg, items[neg], log_q), hard)
+    assert torch.allclose(best_interest_softmax_loss(interests[:, :1], only_a[:, :1], pos, items[pos], neg, items[neg],
+                                                     log_q), hard)
 
 
 def test_log_expected_counts_never_samples_padding():
