@@ -24,6 +24,7 @@ from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import MIND
 from retrieval.recommend import recommend
 
+REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
 
 
@@ -123,7 +124,7 @@ def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | Non
         max_len=bundle.config["model"]["max_len"],
     )
     return {
-        "kind": "retrieval-report",
+        "kind": REPORT_KIND,
         "dataset": bundle.config["data"]["interactions"],
         "data_fingerprint": bundle.manifest["data_fingerprint"],
         "split_seed": bundle.split.seed,
