@@ -130,9 +130,12 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
         raise ValueError(f"manifest fields {clash} are written by save_index itself")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, KIND) as tmp:
+        # Through a Python file: faiss's own writer ignores a failed fclose, so a full disk can
+        # leave a truncated index without an error; here every failed write raises OSError.
         try:
-            faiss.write_index(index, str(tmp / INDEX_FILE))
-        except RuntimeError as err:  # faiss reports a failed write (a full disk) this way, not as OSError
+            with open(tmp / INDEX_FILE, "wb") as f:
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        except RuntimeError as err:
             raise ArtifactError(f"{out_dir}: writing the index failed ({_faiss_reason(err)}); nothing was replaced") from None
         write_manifest(
             tmp,
