@@ -322,6 +322,7 @@ def query(
     from index.faiss_index import load_index
     from retrieval.bundle import load_bundle
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     clock.lap("imports")
     if (user is None) == (users_file is None):
@@ -336,23 +337,19 @@ def query(
     ds = b.dataset
     uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
     ends = ds.lengths()[uidx]
-    rec = recommend(b.model, ds, idx, uidx, ends, candidates if rank else n, merge=merge)
+    hist = Histories.of(ds, uidx, ends)
+    rec = recommend(b.model, ds, idx, hist, candidates if rank else n, merge=merge)
     clock.lap("search")
     rank_scores = None
     if rank is not None:
         from retrieval.ranking.bundle import load_ranker
-        from retrieval.ranking.data import TouchedItems
-        from retrieval.ranking.evaluate import rerank
+        from retrieval.ranking.scoring import rerank
 
         ranker = load_ranker(rank, b)
-        reranked, logits = rerank(ranker.model, ds, TouchedItems(ds), uidx, ends, rec.items)
-        # carry each item's retrieval score and interest along to its new position
-        for r in range(len(uidx)):
-            by_item = {int(i): (s_, k) for i, s_, k in zip(rec.items[r], rec.scores[r], rec.interest[r])}
-            rec.scores[r] = [by_item.get(int(i), (-np.inf, -1))[0] for i in reranked[r]]
-            rec.interest[r] = [by_item.get(int(i), (-np.inf, -1))[1] for i in reranked[r]]
-        rec.scores, rec.interest = rec.scores[:, :n], rec.interest[:, :n]
-        rec.items, rank_scores = reranked[:, :n], logits[:, :n]
+        order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
+        order = order[:, :n]
+        rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
+        rank_scores = logits[:, :n]
         clock.lap("rank")
     results = []
     for r, u in enumerate(raw):

@@ -57,7 +57,8 @@ from retrieval.ranking.common import RankBatch  # noqa: E402
 from retrieval.ranking.data import TouchedItems, make_rank_batch, protocol_pairs  # noqa: E402
 from retrieval.ranking.models import NAMES as RANKERS  # noqa: E402
 from retrieval.ranking.models import build_ranker, needs  # noqa: E402
-from retrieval.ranking.train import RankTrainConfig, pair_metrics, training_pairs  # noqa: E402
+from retrieval.ranking.scoring import pair_metrics  # noqa: E402
+from retrieval.ranking.train import RankTrainConfig, training_pairs  # noqa: E402
 from retrieval.samples import make_batch, training_positions  # noqa: E402
 from retrieval.train import NegativeSampler, TrainConfig, _optimizers, train_step  # noqa: E402
 
@@ -423,7 +424,7 @@ def din_auc(ds: Dataset, split: Split, scale: Scale, seed: int, epochs: int) -> 
         out["models"][n] = {"test_auc": auc(test.labels, s), "test_gauc": gauc(test.users, test.labels, s),
                             "train_samples_per_s": n_rows / seconds[n], "loss_per_epoch": losses[n]}
     # ours through the project's own evaluation path as well: it must agree with the above
-    out["models"]["ours din"]["pair_metrics"] = pair_metrics(contenders["ours din"].model, ds, touched, test)
+    out["models"]["ours din"]["pair_metrics"] = pair_metrics(contenders["ours din"].model, ds, test)
     for n, m in out["models"].items():
         log.info("  %-20s test AUC %.4f  GAUC %.4f  (%.0f samples/s over the run)", n, m["test_auc"],
                  m["test_gauc"], m["train_samples_per_s"])

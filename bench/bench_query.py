@@ -56,6 +56,7 @@ from retrieval.bundle import Bundle, load_bundle  # noqa: E402
 from retrieval.data import DataSpec, load_dataset, split_users  # noqa: E402
 from retrieval.evaluate import held_out_users  # noqa: E402
 from retrieval.recommend import history_rows, interest_vectors, recommend  # noqa: E402
+from retrieval.samples import Histories  # noqa: E402
 from retrieval.train import TrainConfig, model_config_for, train  # noqa: E402
 
 log = logging.getLogger("bench_query")
@@ -154,6 +155,12 @@ def rss_bytes() -> int:
     return 0
 
 
+def _vectors(model: Any, ds: Any, hist: Histories) -> tuple[np.ndarray, np.ndarray]:
+    """(U, K, D) interest vectors and (U, K) active mask as numpy arrays."""
+    it = interest_vectors(model, ds, hist)
+    return it.vectors.numpy(), it.active.numpy()
+
+
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     p50, p99 = np.percentile(np.asarray(seconds) * 1e3, [50, 99])
     return {"p50_ms": float(p50), "p99_ms": float(p99)}
@@ -162,28 +169,29 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
 def single_user_latency(b: Bundle, index: faiss.Index, users: np.ndarray) -> dict[str, Any]:
     """The project's path and raw FAISS of the same active interest vectors, timed alternately per user."""
     ds, model = b.dataset, b.model
-    ends = ds.lengths()[users]
-    V, A, _ = interest_vectors(model, ds, users, ends)  # (U, K, D), (U, K)
+    hist = Histories.of(ds, users, ds.lengths()[users])
+    V, A = _vectors(model, ds, hist)  # (U, K, D), (U, K)
     for u in range(min(20, len(users))):  # warm-up: first-call costs are not a user's latency
-        recommend(model, ds, index, users[u : u + 1], ends[u : u + 1], N)
+        recommend(model, ds, index, Histories.of(ds, users[u : u + 1], ds.lengths()[users[u : u + 1]]), N)
         index.search(V[u][A[u]], N)
     path, raw, vectors, search = [], [], [], []
     for u in range(len(users)):
-        one, end = users[u : u + 1], ends[u : u + 1]
+        one = users[u : u + 1]
         xq = np.ascontiguousarray(V[u][A[u]])  # (K', D)
         t0 = time.perf_counter()
-        recommend(model, ds, index, one, end, N)
+        recommend(model, ds, index, Histories.of(ds, one, ds.lengths()[one]), N)
         t1 = time.perf_counter()
         index.search(xq, N)
         t2 = time.perf_counter()
         path.append(t1 - t0)
         raw.append(t2 - t1)
     for u in range(len(users)):  # the stages, in a second pass
-        one, end = users[u : u + 1], ends[u : u + 1]
+        one = users[u : u + 1]
         t0 = time.perf_counter()
-        Vu, Au, _ = interest_vectors(model, ds, one, end)
+        h = Histories.of(ds, one, ds.lengths()[one])
+        Vu, Au = _vectors(model, ds, h)
         t1 = time.perf_counter()
-        search_top_n(index, Vu, Au, N, exclude=history_rows(ds, one, end))
+        search_top_n(index, Vu, Au, N, exclude=history_rows(h))
         t2 = time.perf_counter()
         vectors.append(t1 - t0)
         search.append(t2 - t1)
@@ -201,16 +209,16 @@ def batch_throughput(b: Bundle, index: faiss.Index, users: np.ndarray) -> dict[s
     """users/s of recommend for all users at once, beside one raw batched search of their active
     vectors; the interest vectors are timed apart, so search + merge is the rest."""
     ds, model = b.dataset, b.model
-    ends = ds.lengths()[users]
+    hist = Histories.of(ds, users, ds.lengths()[users])
     t0 = time.perf_counter()
-    V, A, _ = interest_vectors(model, ds, users, ends)  # (U, K, D), (U, K)
+    V, A = _vectors(model, ds, hist)  # (U, K, D), (U, K)
     vectors_s = time.perf_counter() - t0
     xq = np.ascontiguousarray(V[A])  # (nq, D)
     t0 = time.perf_counter()
     index.search(xq, N)
     raw_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recommend(model, ds, index, users, ends, N)
+    recommend(model, ds, index, hist, N)
     total_s = time.perf_counter() - t0
     U = len(users)
     return {
@@ -325,8 +333,9 @@ def run(scale: str, out_dir: Path, threads: int | None = None, factories: tuple[
     vectors_s = time.perf_counter() - t0
 
     users, ends, _ = held_out_users(b.dataset, b.split, "test")  # the protocol's history, its rest held out
-    V, A, _ = interest_vectors(b.model, b.dataset, users, ends)
-    exclude = history_rows(b.dataset, users, ends)
+    hist = Histories.of(b.dataset, users, ends)
+    V, A = _vectors(b.model, b.dataset, hist)
+    exclude = history_rows(hist)
     t0 = time.perf_counter()
     test = {"V": V, "A": A, "exclude": exclude, "exact": exact_top_n(xb, V, A, N, exclude)}
     exact_s = time.perf_counter() - t0

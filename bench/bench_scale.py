@@ -212,6 +212,7 @@ def query_stage(work: str, users: int, nprobe: int, n: int = 50, split_seed: int
     from retrieval.data import split_users
     from retrieval.metrics import mean_metrics, topn_metrics
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     w = Path(work)
     ds = read_dataset(w / "dataset")
@@ -227,7 +228,7 @@ def query_stage(work: str, users: int, nprobe: int, n: int = 50, split_seed: int
     ends = split.history_len[chosen]
     base = peak_rss_mb()
     t = time.perf_counter()
-    rec = recommend(model, ds, index, chosen, ends, n)
+    rec = recommend(model, ds, index, Histories.of(ds, chosen, ends), n)
     seconds = time.perf_counter() - t
     truth = [np.asarray(ds.sequence(u)[e:]) for u, e in zip(chosen, ends)]
     recall = mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))[f"recall@{n}"]

@@ -33,6 +33,7 @@ from retrieval.bundle import Bundle
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import held_out_users
 from retrieval.recommend import history_rows, interest_vectors
+from retrieval.samples import Histories
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def tune_on_validation(
         users, ends = users[pick], ends[pick]
     if len(users) == 0:
         raise RetrievalError("no validation users to tune the index on (the split has none with a ground truth)")
-    V, A, _ = interest_vectors(bundle.model, bundle.dataset, users, ends)  # (U, K, D), (U, K)
-    tuning = tune_search_param(index, xb, V, A, n, target, exclude=history_rows(bundle.dataset, users, ends))
+    hist = Histories.of(bundle.dataset, users, ends)
+    it = interest_vectors(bundle.model, bundle.dataset, hist)
+    tuning = tune_search_param(index, xb, it.vectors.numpy(), it.active.numpy(), n, target, exclude=history_rows(hist))
     tuning.part = "validation"
     return tuning

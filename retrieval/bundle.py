@@ -28,17 +28,17 @@ from retrieval.artifacts import (
 )
 from retrieval.data import Dataset, Split, split_users
 from retrieval.errors import ArtifactError
-from retrieval.mind import MIND, MINDConfig
+from retrieval.retrievers import DEFAULT, Retriever, retriever_classes
 
 KIND = "mind-bundle"
 
 
 @dataclass
 class Bundle:
-    model: MIND
+    model: Retriever
     dataset: Dataset
     split: Split
-    config: dict[str, Any]  # {"model": ..., "train": ..., "data": ...}
+    config: dict[str, Any]  # {"retriever": name, "model": ..., "train": ..., "data": ...}
     manifest: dict[str, Any]
     path: Path | None = None
 
@@ -65,7 +65,7 @@ def _dataset_arrays(ds: Dataset) -> dict[str, np.ndarray]:
 
 
 def save_bundle(
-    out: Path, model: MIND, ds: Dataset, split: Split, config: dict[str, Any], extra: dict[str, Any] | None = None
+    out: Path, model: Retriever, ds: Dataset, split: Split, config: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write the bundle directory atomically; returns its manifest."""
     with atomic_dir(Path(out), KIND) as tmp:
@@ -119,8 +119,9 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         fingerprint=manifest["data_fingerprint"],
     )
     try:  # a bundle written by another version of the code: other config fields or weight shapes
-        model_cfg = MINDConfig(**config["model"])
-        model = MIND(model_cfg, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
+        model_cls, config_cls = retriever_classes(config.get("retriever", DEFAULT))
+        model_cfg = config_cls(**config["model"])
+        model = model_cls(model_cfg, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = " ".join(str(err).split())  # load_state_dict's message spans several lines
@@ -130,10 +131,11 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     return Bundle(model, ds, split, config, manifest, path)
 
 
-def config_dict(model: MINDConfig, train: Any, data: Any) -> dict[str, Any]:
-    """The bundle's config.json: model, training and data settings as plain JSON values."""
+def config_dict(model: Any, train: Any, data: Any, retriever: str = DEFAULT) -> dict[str, Any]:
+    """The bundle's config.json: the retriever's name, model, training and data settings as plain JSON values."""
     return {
-        "model": model.to_dict(),
+        "retriever": retriever,
+        "model": dataclasses.asdict(model),
         "train": dataclasses.asdict(train),
         "data": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(data).items()},
     }

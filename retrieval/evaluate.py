@@ -21,8 +21,9 @@ from retrieval.bundle import Bundle
 from retrieval.data import Dataset, Split
 from retrieval.errors import ArtifactError
 from retrieval.metrics import mean_metrics, topn_metrics
-from retrieval.mind import MIND
+from retrieval.retrievers import Retriever
 from retrieval.recommend import recommend
+from retrieval.samples import Histories
 
 REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
@@ -45,16 +46,16 @@ def _score(name: str, run: Callable[[], np.ndarray], truth: list[np.ndarray], ns
     return {"model": name, **figures, "users": len(truth), "users_per_s": len(truth) / max(seconds, 1e-9)}
 
 
-def exact_index(model: MIND) -> faiss.Index:
+def exact_index(model: Retriever) -> faiss.Index:
     return build_index(model.item_vectors().detach().numpy().astype(np.float32), "Flat")
 
 
 def evaluate_models(
     ds: Dataset,
     split: Split,
-    mind: MIND,
+    mind: Retriever,
     index: faiss.Index | None = None,
-    mind_k1: MIND | None = None,
+    mind_k1: Retriever | None = None,
     part: str = "test",
     ns: Sequence[int] = NS,
     max_len: int = 50,
@@ -71,18 +72,19 @@ def evaluate_models(
     chosen, val = "best", {}
     if len(v_users):
         for merge in ("best", "share"):
-            r = recommend(mind, ds, index, v_users, v_ends, n, merge=merge).items
+            r = recommend(mind, ds, index, Histories.of(ds, v_users, v_ends), n, merge=merge).items
             val[merge] = mean_metrics(topn_metrics(np.where(r > 0, r, -1), v_truth, (n,)))[f"recall@{n}"]
         chosen = max(val, key=lambda m: (val[m], m == "best"))
 
+    hist = Histories.of(ds, users, ends)
     rows = [
-        _score("mind", lambda: recommend(mind, ds, index, users, ends, n, merge="best").items, truth, ns),
-        _score("mind_share_merge", lambda: recommend(mind, ds, index, users, ends, n, merge="share").items, truth, ns),
+        _score("mind", lambda: recommend(mind, ds, index, hist, n, merge="best").items, truth, ns),
+        _score("mind_share_merge", lambda: recommend(mind, ds, index, hist, n, merge="share").items, truth, ns),
     ]
     rows[0]["merge"], rows[1]["merge"] = "best", "share"
     if mind_k1 is not None:
         k1_index = exact_index(mind_k1)
-        rows.append(_score("mind_k1", lambda: recommend(mind_k1, ds, k1_index, users, ends, n).items, truth, ns))
+        rows.append(_score("mind_k1", lambda: recommend(mind_k1, ds, k1_index, hist, n).items, truth, ns))
     rows.append(_score("item_knn", lambda: item_knn(ds, split, users, ends, n, max_len=max_len), truth, ns))
     rows.append(_score("popularity", lambda: popularity(ds, split, users, ends, n), truth, ns))
     return {

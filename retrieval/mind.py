@@ -53,6 +53,17 @@ class MINDConfig:
 
 
 @dataclass
+class Interests:
+    """What an interest extractor makes of a batch of histories; every retriever returns it."""
+
+    vectors: Tensor  # (B, K, D) interest vectors, zero where not active
+    active: Tensor  # (B, K) bool, the interests in use (K'_u of them, the first ones)
+    mass: Tensor  # (B, K) share of the behaviours each interest holds (rows sum to 1 over active ones)
+    weights: Tensor  # (B, K, L) behaviour l's weight in interest k, zero on padding and inactive interests;
+    # for routing the coupling coefficients (each behaviour's weights sum to 1 over interests)
+
+
+@dataclass
 class Batch:
     """Model input; tensors on one device."""
 
@@ -70,13 +81,15 @@ def interest_count(lengths: Tensor, k: int) -> Tensor:
 
 def b2i_routing(
     low: Tensor, mask: Tensor, S: Tensor, active: Tensor, init_logits: Tensor, iters: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Behaviour-to-interest dynamic routing (MIND, Algorithm 1).
 
     low (B, L, D) behaviour embeddings; mask (B, L) real behaviours; S (D, D) the shared
     bilinear map; active (B, K) interests in use; init_logits (B, K, L) random logits.
-    Returns squashed interest capsules (B, K, D), zero where not active, and each
-    interest's routing mass (B, K): the share of the behaviours routed to it (rows sum to 1).
+    Returns squashed interest capsules (B, K, D), zero where not active, each interest's
+    routing mass (B, K): the share of the behaviours routed to it (rows sum to 1), and the
+    last round's coupling coefficients (B, K, L), detached: how much of each behaviour went
+    to each interest (zero on padding and inactive interests).
 
     The logits carry no gradient: they start from a random draw and are updated from
     detached capsules; only the last round's weighted sum back-propagates, into S and
@@ -97,8 +110,9 @@ def b2i_routing(
         caps = squash(z)
         if not last:
             b = b + caps @ u_hat_fixed.transpose(1, 2)  # (B, K, L) agreement
-    mass = w.detach().sum(-1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, K)
-    return caps * interest, mass
+    w = w.detach()
+    mass = w.sum(-1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, K)
+    return caps * interest, mass, w * interest
 
 
 def label_aware_attention(
@@ -201,9 +215,9 @@ class MIND(nn.Module):
             return self.S.new_zeros(batch, 0)
         return torch.cat([m(user_features[f]) for f, m in self.user_fields.items()], dim=-1)
 
-    def user_vectors(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Interest vectors (B, K, D), which are active (B, K) and their routing mass (B, K);
-        inactive rows are zero.
+    def user_vectors(self, batch: Batch) -> Interests:
+        """Interest vectors (B, K, D), which are active (B, K), their routing mass (B, K) and
+        each behaviour's coupling to each interest (B, K, L); inactive rows are zero.
 
         In training mode the routing logits are drawn afresh; in eval mode they come from
         a fixed draw, so a user always gets the same interests."""
@@ -218,20 +232,20 @@ class MIND(nn.Module):
         else:
             init = self.routing_init[None, :, :L].expand(B, -1, -1)
         low = self.item_embed(hist)  # (B, L, D)
-        caps, mass = b2i_routing(low, mask, self.S, active, init, c.routing_iters)  # (B, K, D), (B, K)
+        caps, mass, weights = b2i_routing(low, mask, self.S, active, init, c.routing_iters)  # (B, K, D), (B, K), (B, K, L)
         prof = self.profile(batch.user_features, B)  # (B, P)
         x = torch.cat([caps, prof[:, None, :].expand(-1, c.interests, -1)], dim=-1)  # (B, K, D+P)
         vectors = self.head(x) * active.unsqueeze(-1)  # (B, K, D)
-        return vectors, active, mass
+        return Interests(vectors, active, mass, weights)
 
     # ------------------------------------------------------------------ training
 
     def loss(self, batch: Batch, neg: Tensor, log_q: Tensor) -> Tensor:
         """Sampled-softmax loss of the label-aware user vector against the target."""
         c = self.config
-        vectors, active, _ = self.user_vectors(batch)
+        it = self.user_vectors(batch)
         pos_emb = self.item_embed(batch.target)  # (B, D)
-        user = label_aware_attention(vectors, active, pos_emb, c.pow, hard=c.attention == "hard")
+        user = label_aware_attention(it.vectors, it.active, pos_emb, c.pow, hard=c.attention == "hard")
         return sampled_softmax_loss(user, batch.target, pos_emb, neg, self.item_embed(neg), log_q)
 
 

@@ -1,4 +1,4 @@
-"""The serving path: history -> K interest vectors -> one FAISS search -> merge -> top N.
+"""The serving path: histories -> K interest vectors -> one FAISS search -> merge -> top N.
 
 Used alike by `query`, by validation during training and by `evaluate`, so the figures
 measure exactly what a user is served. FAISS ids are row positions: item index i
@@ -20,8 +20,9 @@ import torch
 
 from index.faiss_index import search_top_n
 from retrieval.data import Dataset
-from retrieval.mind import MIND
-from retrieval.samples import make_batch
+from retrieval.mind import Interests
+from retrieval.retrievers import Retriever
+from retrieval.samples import Histories, history_batch
 
 Merge = Literal["best", "share"]
 
@@ -34,49 +35,39 @@ class Recommendations:
 
 
 @torch.inference_mode()
-def interest_vectors(
-    model: MIND, ds: Dataset, users: np.ndarray, ends: np.ndarray, batch_size: int = 2048
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Interest vectors (U, K, D) float32, active mask (U, K) and routing mass (U, K) per user,
-    from the history before position ends[u] (its last L behaviours)."""
+def interest_vectors(model: Retriever, ds: Dataset, hist: Histories, batch_size: int = 2048) -> Interests:
+    """The interests of each history's last L behaviours: vectors (U, K, D), active (U, K),
+    mass (U, K) and behaviour weights (U, K, L), as CPU tensors (`.numpy()` shares memory)."""
     if model.training:  # eval() walks every module: too slow to repeat for each request
         model.eval()
     L = model.config.max_len
-    parts = []
-    for i in range(0, len(users), batch_size):
-        b = make_batch(ds, users[i : i + batch_size], ends[i : i + batch_size], L)
-        v, a, m = model.user_vectors(b)  # (B, K, D), (B, K), (B, K)
-        parts.append((v.numpy(), a.numpy(), m.numpy()))
+    parts = [model.user_vectors(history_batch(ds, h, L)) for h in hist.batches(batch_size)]
     if len(parts) == 1:
         return parts[0]
-    vecs, actives, masses = zip(*parts)
-    return np.concatenate(vecs), np.concatenate(actives), np.concatenate(masses)
+    return Interests(*(torch.cat([getattr(p, f) for p in parts]) for f in ("vectors", "active", "mass", "weights")))
 
 
-def history_rows(ds: Dataset, users: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
-    """FAISS ids (item index - 1) of every item each user has seen before position ends[u]."""
-    starts = ds.offsets[users]
-    return [ds.items[s : s + e].astype(np.int64) - 1 for s, e in zip(starts.tolist(), np.asarray(ends).tolist())]
+def history_rows(hist: Histories) -> list[np.ndarray]:
+    """FAISS ids (item index - 1) of every item of each history: what the search excludes."""
+    return [row.astype(np.int64) - 1 for row in hist.rows()]
 
 
 def recommend(
-    model: MIND,
+    model: Retriever,
     ds: Dataset,
     index: faiss.Index,
-    users: np.ndarray,
-    ends: np.ndarray,
+    hist: Histories,
     n: int,
     merge: Merge = "best",
     batch_size: int = 1024,
 ) -> Recommendations:
-    """Top-n items per user; the user's history (everything before ends[u]) is excluded."""
+    """Top-n items per history; every item of the history is excluded."""
     out_i, out_s, out_k = [], [], []
-    for i in range(0, len(users), batch_size):
-        u, e = users[i : i + batch_size], ends[i : i + batch_size]
-        V, A, W = interest_vectors(model, ds, u, e)  # (B, K, D), (B, K), (B, K)
-        exclude = history_rows(ds, u, e)
+    for h in hist.batches(batch_size):
+        it = interest_vectors(model, ds, h)
         ids, scores, which = search_top_n(
-            index, V, A, n, exclude=exclude, strategy=merge, weights=W if merge == "share" else None
+            index, it.vectors.numpy(), it.active.numpy(), n, exclude=history_rows(h), strategy=merge,
+            weights=it.mass.numpy() if merge == "share" else None,
         )  # (B, n) each
         out_i.append(np.where(ids >= 0, ids + 1, 0))
         out_s.append(scores)

@@ -25,10 +25,11 @@ from retrieval.data import Dataset, DataSpec, Split, item_counts
 from retrieval.errors import ConfigError, DataError, TrainingError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
-from retrieval.mind import MIND, Batch, MINDConfig, log_expected_counts
+from retrieval.mind import Batch, log_expected_counts
+from retrieval.retrievers import DEFAULT, Retriever, build_retriever, retriever_classes, retriever_name
 from retrieval.progress import progress_bar
 from retrieval.recommend import Merge, recommend
-from retrieval.samples import make_batch, training_positions
+from retrieval.samples import Histories, make_batch, training_positions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: MIND
+    model: Retriever
     history: list[dict[str, Any]]  # one entry per epoch
     best_epoch: int
     best_recall: float
@@ -148,10 +149,10 @@ def check_fits_in_memory(model_config: MINDConfig) -> None:
         )
 
 
-def validation_recall(model: MIND, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
+def validation_recall(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
     """Mean Recall@n of validation users, through the serving path on an exact index."""
     users, ends, truth = held_out_users(ds, split, "validation")
-    rec = recommend(model, ds, exact_index(model), users, ends, n, merge=merge)
+    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, ends), n, merge=merge)
     return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))[f"recall@{n}"]
 
 
@@ -220,7 +221,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
 
 
-def _optimizers(model: MIND, lr: float) -> list[torch.optim.Optimizer]:
+def _optimizers(model: Retriever, lr: float) -> list[torch.optim.Optimizer]:
     """Adam for the dense parameters, RowSparseAdam for the sparse embedding tables."""
     sparse = [p for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
     ids = {id(p) for p in sparse}
@@ -243,7 +244,7 @@ def seeded(seed: int, threads: int = 0) -> np.random.Generator:
 class Setup:
     """Everything a training step needs, built once before the first epoch."""
 
-    model: MIND
+    model: Retriever
     opts: list[torch.optim.Optimizer]
     users: np.ndarray  # (W,) user of each training window
     positions: np.ndarray  # (W,) target position of each window in its user's sequence
@@ -252,11 +253,11 @@ class Setup:
     guard: LossGuard = field(default_factory=LossGuard)  # stops a diverging run
 
 
-def setup(ds: Dataset, split: Split, model_config: MINDConfig, config: TrainConfig) -> Setup:
+def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> Setup:
     """Seed, build the model and its optimizers, the training windows and the negative sampler."""
     check_fits_in_memory(model_config)
     seeded(config.seed, config.threads)
-    model = MIND(model_config, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
+    model = build_retriever(model_config, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
@@ -266,7 +267,7 @@ def setup(ds: Dataset, split: Split, model_config: MINDConfig, config: TrainConf
     return Setup(model, _optimizers(model, config.lr), users, positions, sampler, log_q)
 
 
-def train_step(model: MIND, opts: list[torch.optim.Optimizer], batch: Batch, neg: torch.Tensor,
+def train_step(model: Retriever, opts: list[torch.optim.Optimizer], batch: Batch, neg: torch.Tensor,
                log_q: torch.Tensor) -> float:
     """One optimisation step on one batch with the negatives `neg` (S,); returns the loss."""
     loss = model.loss(batch, neg, log_q)
@@ -310,7 +311,7 @@ def epoch_order(rng: np.random.Generator, n_windows: int, batch_size: int, max_s
 def train(
     ds: Dataset,
     split: Split,
-    model_config: MINDConfig,
+    model_config: Any,
     config: TrainConfig,
     out: Path | None = None,
     data_spec: DataSpec | None = None,
@@ -353,7 +354,7 @@ def train(
             best_recall, best_epoch, stale = recall, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             if out is not None and data_spec is not None:
-                save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec),
+                save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
                             extra={"best_epoch": epoch, f"val_recall@{config.eval_n}": recall,
                                    "train_samples_per_s": total_samples / total_time, "history": history})
         else:
@@ -365,16 +366,18 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     if out is not None and data_spec is not None:  # final manifest carries the whole history
-        save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec),
+        save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
                     extra={"best_epoch": best_epoch, f"val_recall@{config.eval_n}": best_recall,
                            "train_samples_per_s": total_samples / total_time, "history": history,
                            **({"diverged": diverged} if diverged else {})})
     return TrainResult(model, history, best_epoch, best_recall, total_samples / total_time, diverged)
 
 
-def model_config_for(ds: Dataset, **overrides: Any) -> MINDConfig:
-    """A MINDConfig sized for the dataset's vocabularies, with the given settings."""
-    return MINDConfig(
+def model_config_for(ds: Dataset, retriever: str = DEFAULT, **overrides: Any) -> Any:
+    """The config of the named retriever (MIND's MINDConfig by default), sized for the
+    dataset's vocabularies, with the given settings."""
+    _, config_cls = retriever_classes(retriever)
+    return config_cls(
         n_items=ds.n_items,
         item_feature_sizes={f: len(v) for f, v in ds.item_feature_vocab.items()},
         user_feature_sizes={f: len(v) for f, v in ds.user_feature_vocab.items()},

@@ -14,6 +14,7 @@ from retrieval.artifacts import dir_fingerprint, package_versions, write_manifes
 from retrieval.bundle import Bundle, load_bundle, save_bundle
 from retrieval.errors import ArtifactError
 from retrieval.recommend import interest_vectors
+from retrieval.samples import Histories
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +63,11 @@ def test_round_trip_keeps_vectors(bundle: Bundle, tmp_path: Path):
     np.testing.assert_array_equal(again.model.item_vectors().detach().numpy(),
                                   bundle.model.item_vectors().detach().numpy())
     users, ends = users_of(bundle)
-    V0, A0, W0 = interest_vectors(bundle.model, bundle.dataset, users, ends)
-    V1, A1, W1 = interest_vectors(again.model, again.dataset, users, ends)
-    assert V0.shape == (len(users), 4, 16)
-    np.testing.assert_array_equal(V0, V1)
-    np.testing.assert_array_equal(A0, A1)
-    np.testing.assert_array_equal(W0, W1)
+    first = interest_vectors(bundle.model, bundle.dataset, Histories.of(bundle.dataset, users, ends))
+    second = interest_vectors(again.model, again.dataset, Histories.of(again.dataset, users, ends))
+    assert first.vectors.shape == (len(users), 4, 16)
+    for f in ("vectors", "active", "mass", "weights"):
+        np.testing.assert_array_equal(getattr(first, f).numpy(), getattr(second, f).numpy())
     np.testing.assert_array_equal(again.dataset.items, bundle.dataset.items)
     np.testing.assert_array_equal(again.dataset.item_ids, bundle.dataset.item_ids)
     np.testing.assert_array_equal(again.split.test_users, bundle.split.test_users)
@@ -77,10 +77,11 @@ def test_round_trip_keeps_vectors(bundle: Bundle, tmp_path: Path):
 
 def test_eval_mode_is_deterministic(bundle: Bundle):
     users, ends = users_of(bundle)
-    first = interest_vectors(bundle.model, bundle.dataset, users, ends)
-    second = interest_vectors(bundle.model, bundle.dataset, users, ends)
-    for a, b in zip(first, second, strict=True):
-        np.testing.assert_array_equal(a, b)
+    hist = Histories.of(bundle.dataset, users, ends)
+    first = interest_vectors(bundle.model, bundle.dataset, hist)
+    second = interest_vectors(bundle.model, bundle.dataset, hist)
+    for f in ("vectors", "active", "mass", "weights"):
+        np.testing.assert_array_equal(getattr(first, f).numpy(), getattr(second, f).numpy())
 
 
 def test_tampered_file_is_refused(bundle_k4: Path, tmp_path: Path):
@@ -120,6 +121,19 @@ def test_incompatible_config_is_an_artifact_error(bundle_k4: Path, tmp_path: Pat
     rewrite_config(path, lambda c: c["model"].update(capsule_kind="legacy"))
     with pytest.raises(ArtifactError, match=rf"^{path}: bundle does not fit this version of the model \(.*capsule_kind"):
         load_bundle(path)
+
+
+def test_the_bundle_names_its_retriever_and_old_bundles_load_as_routing(bundle_k4: Path, tmp_path: Path):
+    assert json.loads((bundle_k4 / "config.json").read_text())["retriever"] == "routing"
+    path = copy_of(bundle_k4, tmp_path / "old")
+    rewrite_config(path, lambda c: c.pop("retriever"))  # written before the name was recorded
+    old, new = load_bundle(path), load_bundle(bundle_k4)
+    assert type(old.model) is type(new.model)
+    np.testing.assert_array_equal(old.model.item_vectors().detach().numpy(), new.model.item_vectors().detach().numpy())
+    other = copy_of(bundle_k4, tmp_path / "other")
+    rewrite_config(other, lambda c: c.update(retriever="transformer"))
+    with pytest.raises(ArtifactError, match=rf"^{other}: bundle does not fit this version of the model \(unknown retriever 'transformer'"):
+        load_bundle(other)
 
 
 def test_weights_of_another_shape_are_an_artifact_error(bundle_k4: Path, tmp_path: Path):

@@ -35,12 +35,18 @@ def _routing_inputs(seed: int = 0):
 
 def test_routing_shapes_and_inactive_capsules_are_zero():
     low, mask, S, active, init = _routing_inputs()
-    caps, mass = b2i_routing(low, mask, S, active, init, iters=3)
-    assert caps.shape == (B, K, D) and mass.shape == (B, K)
+    caps, mass, w = b2i_routing(low, mask, S, active, init, iters=3)
+    assert caps.shape == (B, K, D) and mass.shape == (B, K) and w.shape == (B, K, L)
     assert torch.all(caps[~active] == 0)
     assert torch.all(caps[active].norm(dim=-1) > 0)
     assert torch.allclose(mass.sum(1), torch.ones(B))
     assert torch.all(mass[~active] == 0)
+    # coupling: each real behaviour's weights sum to 1 over the active interests, padding and
+    # inactive interests weigh nothing, and the mass is the mean coupling over real behaviours
+    assert torch.allclose(w.sum(1)[mask], torch.ones(int(mask.sum())))
+    assert torch.all(w.sum(1)[~mask] == 0) and torch.all(w[~active] == 0)
+    assert torch.allclose(mass, w.sum(2) / mask.sum(1, keepdim=True), atol=1e-6)
+    assert not w.requires_grad
 
 
 def test_interest_count_is_log2_of_history_clamped():
@@ -51,15 +57,16 @@ def test_interest_count_is_log2_of_history_clamped():
 
 def test_appending_padding_changes_nothing():
     low, mask, S, active, init = _routing_inputs()
-    caps, mass = b2i_routing(low, mask, S, active, init, iters=3)
+    caps, mass, w = b2i_routing(low, mask, S, active, init, iters=3)
     pad = 5
     g = torch.Generator().manual_seed(1)
     low2 = torch.cat([low, torch.randn(B, pad, D, generator=g)], 1)  # garbage in padded slots
     mask2 = torch.cat([mask, torch.zeros(B, pad, dtype=torch.bool)], 1)
     init2 = torch.cat([init, torch.randn(B, K, pad, generator=g)], 2)
-    caps2, mass2 = b2i_routing(low2, mask2, S, active, init2, iters=3)
+    caps2, mass2, w2 = b2i_routing(low2, mask2, S, active, init2, iters=3)
     assert torch.allclose(caps, caps2, atol=1e-6)
     assert torch.allclose(mass, mass2, atol=1e-6)
+    assert torch.allclose(w, w2[:, :, : w.shape[2]], atol=1e-6) and torch.all(w2[:, :, w.shape[2] :] == 0)
 
 
 def test_squash_keeps_norms_below_one_and_direction():
@@ -80,7 +87,7 @@ def test_routing_logits_get_no_gradient_but_s_and_behaviours_do():
     low.requires_grad_(True)
     S.requires_grad_(True)
     init.requires_grad_(True)
-    caps, _ = b2i_routing(low, mask, S, active, init, iters=3)
+    caps, _, _ = b2i_routing(low, mask, S, active, init, iters=3)
     caps.sum().backward()
     assert init.grad is None
     assert S.grad is not None and S.grad.abs().sum() > 0
@@ -90,8 +97,8 @@ def test_routing_logits_get_no_gradient_but_s_and_behaviours_do():
 
 def test_routing_iterations_are_used():
     low, mask, S, active, init = _routing_inputs()
-    one, _ = b2i_routing(low, mask, S, active, init, iters=1)
-    three, _ = b2i_routing(low, mask, S, active, init, iters=3)
+    one, _, _ = b2i_routing(low, mask, S, active, init, iters=1)
+    three, _, _ = b2i_routing(low, mask, S, active, init, iters=3)
     assert not torch.allclose(one, three)
     with pytest.raises(ValueError):
         b2i_routing(low, mask, S, active, init, iters=0)
@@ -173,23 +180,23 @@ def test_model_user_vectors_shapes_masks_and_eval_determinism():
     m = _model()
     m.eval()
     b = _batch()
-    V, A, mass = m.user_vectors(b)
-    assert V.shape == (3, K, D) and A.shape == (3, K)
+    it = m.user_vectors(b)
+    V, A = it.vectors, it.active
+    assert V.shape == (3, K, D) and A.shape == (3, K) and it.mass.shape == (3, K) and it.weights.shape == (3, K, L)
     assert A.sum(1).tolist() == [3, 2, 1]  # log2 12 -> 3, log2 5 -> 2, 1 -> 1
-    assert torch.all(V[~A] == 0)
-    V2, _, _ = m.user_vectors(b)
-    assert torch.equal(V, V2)  # fixed routing draw at inference
+    assert torch.all(V[~A] == 0) and torch.all(it.weights[~b.mask.unsqueeze(1).expand(-1, K, -1)] == 0)
+    assert torch.equal(V, m.user_vectors(b).vectors)  # fixed routing draw at inference
     # a user's vectors do not depend on who else is in the batch
     one = Batch(b.history[1:2], b.mask[1:2], {"age": b.user_features["age"][1:2]})
-    assert torch.allclose(m.user_vectors(one)[0][0], V[1], atol=1e-6)
+    assert torch.allclose(m.user_vectors(one).vectors[0], V[1], atol=1e-6)
 
 
 def test_model_training_draws_fresh_routing_logits():
     m = _model()
     m.train()
     torch.manual_seed(0)
-    a = m.user_vectors(_batch())[0]
-    b = m.user_vectors(_batch())[0]
+    a = m.user_vectors(_batch()).vectors
+    b = m.user_vectors(_batch()).vectors
     assert not torch.allclose(a, b)
 
 

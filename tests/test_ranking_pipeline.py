@@ -26,9 +26,11 @@ from retrieval.ranking.data import PairSet, SessionSpec, TouchedItems, make_rank
 from retrieval.ranking.dien import DIEN
 from retrieval.ranking.dmin import DMIN
 from retrieval.ranking.dsin import DSIN
-from retrieval.ranking.evaluate import evaluate_ranker, rerank
+from retrieval.ranking.evaluate import evaluate_ranker
+from retrieval.ranking.scoring import pair_metrics, rerank, score_pairs
+from retrieval.samples import Histories
 from retrieval.ranking.train import (
-    RankTrainConfig, hard_negatives, pair_metrics, score_pairs, train_ranker, training_pairs,
+    RankTrainConfig, hard_negatives, train_ranker, training_pairs,
 )
 
 TINY_RANKER = ("--epochs", "1", "--dim", "8")
@@ -280,7 +282,9 @@ def test_rerank_orders_by_logit_with_missing_candidates_last():
     ds = hand_dataset([[1, 2], [3, 4, 5], [1]], n_items=8)
     model = CandidateScorer(RankerConfig(n_items=8, dim=2, max_len=5, hidden=(2,)))
     cands = np.array([[5, 0, 7, 3], [6, 7, 0, 8], [0, 0, 0, 0]])
-    items, logits = rerank(model, ds, TouchedItems(ds), np.array([0, 1, 2]), np.array([2, 3, 1]), cands)
+    order, logits = rerank(model, ds, Histories.of(ds, np.array([0, 1, 2]), np.array([2, 3, 1])), cands)
+    items = np.take_along_axis(cands, order, 1)
+    assert order.tolist() == [[2, 0, 3, 1], [0, 1, 3, 2], [0, 1, 2, 3]]
     assert items.tolist() == [[7, 5, 3, 0], [6, 7, 8, 0], [0, 0, 0, 0]]
     np.testing.assert_array_equal(logits[:2, :3], [[7, 5, 3], [-6, -7, -8]])
     assert np.isneginf(logits[:, 3]).all() and np.isneginf(logits[2]).all()
@@ -296,14 +300,38 @@ def test_rerank_matches_pairwise_scores_of_a_real_ranker(small):
     users, ends = split.test_users[:4], split.history_len[split.test_users[:4]]
     cands = touched.sample(users, np.random.default_rng(0), (6,))
     cands[1, 2:] = 0
-    items, logits = rerank(model, ds, touched, users, ends, cands)
+    order, logits = rerank(model, ds, Histories.of(ds, users, ends), cands)
+    items = np.take_along_axis(cands, order, 1)
     for r in range(4):
         n = int((cands[r] > 0).sum())
-        alone = score_pairs(model, ds, touched, PairSet(np.repeat(users[r], n), np.repeat(ends[r], n),
+        alone = score_pairs(model, ds, PairSet(np.repeat(users[r], n), np.repeat(ends[r], n),
                                                          cands[r, :n], np.zeros(n, np.float32)))
         order = np.argsort(-alone, kind="stable")
         assert items[r, :n].tolist() == cands[r, :n][order].tolist()
         np.testing.assert_allclose(logits[r, :n], alone[order], rtol=1e-5, atol=1e-6)
+
+
+def test_request_histories_score_like_stored_ones_sessions_included(small):
+    """A request that brings a stored user's behaviours (with their times) scores exactly as the
+    stored history does; DSIN's sessions are read from the request's own times."""
+    from retrieval.ranking.models import build_ranker
+    from retrieval.ranking.scoring import score_candidates
+
+    ds, split = small.dataset, small.split
+    torch.manual_seed(0)
+    model = build_ranker("dsin", ds, split.train_users, dim=4, max_len=10).eval()
+    users = split.test_users[:3]
+    stored = Histories.of(ds, users, split.history_len[users])
+    cands = TouchedItems(ds).sample(users, np.random.default_rng(1), (5,))
+    sent = Histories.from_lists(stored.rows(), users=users, times=np.split(stored.times, stored.offsets[1:-1]))
+    np.testing.assert_array_equal(score_candidates(model, ds, sent, cands), score_candidates(model, ds, stored, cands))
+    # other times make other sessions: every behaviour an hour apart is a session of its own
+    spread = Histories.from_lists(stored.rows(), users=users,
+                                  times=[np.arange(len(r)) * 3600 for r in stored.rows()])
+    assert not np.allclose(score_candidates(model, ds, spread, cands), score_candidates(model, ds, stored, cands))
+    # a user the dataset does not know is scored with the 'unknown' profile
+    anon = Histories.from_lists(stored.rows(), times=np.split(stored.times, stored.offsets[1:-1]))
+    assert np.isfinite(score_candidates(model, ds, anon, cands)).all()
 
 
 # ------------------------------------------------------------------ CLI end to end
@@ -340,7 +368,7 @@ def test_train_ranker_writes_a_bundle_tied_to_the_retrieval_bundle(ranker_din, b
     assert config["train"]["epochs"] == 1 and config["train"]["negative_source"] == "uniform"
     # the saved weights reproduce the validation AUC recorded at training time
     rb = load_ranker(ranker_din, small)
-    val = pair_metrics(rb.model, small.dataset, TouchedItems(small.dataset),
+    val = pair_metrics(rb.model, small.dataset,
                        protocol_pairs(small.dataset, small.split, "validation"))
     assert val["auc"] == pytest.approx(manifest["history"][0]["val_auc"], abs=1e-6)
 
@@ -368,8 +396,7 @@ def test_query_rank_reorders_the_top_m_retrieval_candidates(invoke, bundle_k4, i
     # rank_score is the ranker's logit of that item for that user's whole history
     rb = load_ranker(ranker_din, small)
     idx = np.array([np.flatnonzero(ds.item_ids == r["item"])[0] for r in ranked])
-    want = score_pairs(rb.model, ds, TouchedItems(ds),
-                       PairSet(np.full(30, u), np.full(30, ds.lengths()[u]), idx, np.zeros(30, np.float32)))
+    want = score_pairs(rb.model, ds, PairSet(np.full(30, u), np.full(30, ds.lengths()[u]), idx, np.zeros(30, np.float32)))
     np.testing.assert_allclose(rank_scores, want, atol=2e-6)
 
     top5 = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "5", "--rank", ranker_din,
@@ -428,6 +455,7 @@ def ndcg(ranked: np.ndarray, truth: np.ndarray, n: int) -> float:
 def test_two_stage_with_m_equal_n_only_reorders(small, ranker_din):
     from retrieval.evaluate import exact_index, held_out_users
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     ds, split = small.dataset, small.split
     rb = load_ranker(ranker_din, small)
@@ -438,8 +466,9 @@ def test_two_stage_with_m_equal_n_only_reorders(small, ranker_din):
     assert r["two_stage"]["hit_rate@20"] == pytest.approx(r["retrieval_only"]["hit_rate@20"])
     # ... only their order, which NDCG sees: both figures by hand from the two orders
     users, ends, truth = held_out_users(ds, split, "test")
-    cands = recommend(small.model, ds, index, users, ends, 20).items
-    reranked, _ = rerank(rb.model, ds, TouchedItems(ds), users, ends, cands)
+    cands = recommend(small.model, ds, index, Histories.of(ds, users, ends), 20).items
+    order, _ = rerank(rb.model, ds, Histories.of(ds, users, ends), cands)
+    reranked = np.take_along_axis(cands, order, 1)
     assert r["retrieval_only"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(cands, truth)]))
     assert r["two_stage"]["ndcg@20"] == pytest.approx(np.mean([ndcg(c, t, 20) for c, t in zip(reranked, truth)]))
     assert r["two_stage"]["ndcg@20"] != pytest.approx(r["retrieval_only"]["ndcg@20"])
@@ -451,7 +480,7 @@ def test_train_ranker_each_model(invoke, bundle_k4, small, tmp_path, model, cls)
     manifest = check_ranker_bundle(out, bundle_k4, model)
     rb = load_ranker(out, small)
     assert type(rb.model) is cls and rb.model.config.max_len == 10 and rb.name == model
-    val = pair_metrics(rb.model, small.dataset, TouchedItems(small.dataset),
+    val = pair_metrics(rb.model, small.dataset,
                        protocol_pairs(small.dataset, small.split, "validation"))
     assert val["auc"] == pytest.approx(manifest["history"][0]["val_auc"], abs=1e-6)
 

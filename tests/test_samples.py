@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retrieval.data import DataSpec, Dataset, load_dataset, split_users
-from retrieval.samples import gather_histories, make_batch, training_positions
+from retrieval.samples import Histories, gather_histories, history_batch, make_batch, training_positions
 
 # user 1: items 11..18 at times 1..8; user 2: items 21..23; user 3: item 31 only.
 SEQS = {1: [11, 12, 13, 14, 15, 16, 17, 18], 2: [21, 22, 23], 3: [31]}
@@ -141,3 +141,41 @@ def test_make_batch_without_target(ds: Dataset) -> None:
     assert batch.target is None
     assert batch.history.tolist() == [idx(ds, [21, 22, 23, 0, 0])]
     assert batch.mask.tolist() == [[True, True, True, False, False]]
+
+
+# ---------------------------------------------------------------------------- Histories
+
+
+def test_histories_of_a_dataset_are_the_sequence_prefixes(ds: Dataset) -> None:
+    hist = Histories.of(ds, np.array([1, 0, 2]), np.array([2, 5, 0]))
+    assert len(hist) == 3 and hist.lengths().tolist() == [2, 5, 0]
+    assert [r.tolist() for r in hist.rows()] == [idx(ds, [21, 22]), idx(ds, [11, 12, 13, 14, 15]), []]
+    assert hist.times.tolist() == [200, 201, 100, 101, 102, 103, 104]
+    assert hist.users.tolist() == [1, 0, 2]
+    # the same gather serves a Dataset and a Histories
+    a = gather_histories(ds, np.array([1, 0, 2]), np.array([2, 5, 0]), 3)
+    b = gather_histories(hist, np.arange(3), hist.lengths(), 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_histories_take_and_batches_keep_rows_and_users(ds: Dataset) -> None:
+    hist = Histories.of(ds, np.array([0, 1, 2]), np.array([8, 3, 1]))
+    sub = hist.take(np.array([2, 0]))
+    assert [r.tolist() for r in sub.rows()] == [idx(ds, [31]), idx(ds, SEQS[1])]
+    assert sub.users.tolist() == [2, 0] and sub.times.tolist() == [300] + list(range(100, 108))
+    parts = list(hist.batches(2))
+    assert [len(p) for p in parts] == [2, 1] and parts[1].users.tolist() == [2]
+    assert list(hist.batches(3))[0] is hist
+
+
+def test_history_batch_of_request_histories(ds: Dataset) -> None:
+    """A request's behaviours (no stored user, or a stored user with new clicks) batch like stored ones."""
+    seqs = [np.array(idx(ds, [11, 12, 13, 14, 15, 16])), np.array(idx(ds, [23]), dtype=np.int32)]
+    hist = Histories.from_lists(seqs, users=np.array([1, -1]))
+    batch = history_batch(ds, hist, max_len=4)
+    assert batch.history.tolist() == [idx(ds, [13, 14, 15, 16]), idx(ds, [23, 0, 0, 0])]
+    assert batch.mask.sum(1).tolist() == [4, 1] and batch.target is None
+    # vocabulary [pad, unknown, F, M]: the stored user keeps their profile, an unknown one gets 'unknown'
+    assert batch.user_features["gender"].tolist() == [[3], [1]]
+    empty = Histories.from_lists([np.zeros(0, np.int32)])
+    assert history_batch(ds, empty, 2).mask.tolist() == [[False, False]]

@@ -20,7 +20,7 @@ import torch
 from retrieval.data import Dataset, Split
 from retrieval.errors import DataError
 from retrieval.ranking.common import RankBatch
-from retrieval.samples import gather_histories
+from retrieval.samples import Histories, Sequences, gather_histories, profile_features
 
 
 class TouchedItems:
@@ -65,7 +65,7 @@ class SessionSpec:
 
 def make_rank_batch(
     ds: Dataset,
-    touched: TouchedItems,
+    touched: TouchedItems | None,
     users: np.ndarray,
     ends: np.ndarray,
     candidates: np.ndarray,
@@ -74,10 +74,18 @@ def make_rank_batch(
     rng: np.random.Generator | None = None,
     neg_history: bool = False,
     sessions: SessionSpec | None = None,
+    seqs: Sequences | None = None,
 ) -> RankBatch:
-    """A ranker batch: history before position ends[b] of users[b], scored against candidates[b]."""
-    hist, mask = gather_histories(ds, users, ends, max_len)
-    feats = {f: torch.from_numpy(m[users].astype(np.int64)) for f, m in ds.user_features.items()}
+    """A ranker batch: history before position ends[b] of row users[b], scored against candidates[b].
+
+    The histories are read from `seqs`: the dataset itself by default (users[b] is then a user
+    index), or a Histories of request-time behaviours (users[b] is then its row, and the
+    row's user, -1 for one not in the dataset, gives the profile). `touched` is needed only
+    for negative histories (training)."""
+    seqs = ds if seqs is None else seqs
+    profile_users = seqs.users[users] if isinstance(seqs, Histories) else users
+    hist, mask = gather_histories(seqs, users, ends, max_len)
+    feats = profile_features(ds, profile_users)
     batch = RankBatch(
         history=torch.from_numpy(hist),
         mask=torch.from_numpy(mask),
@@ -86,14 +94,14 @@ def make_rank_batch(
         label=None if labels is None else torch.from_numpy(labels.astype(np.float32)),
     )
     if neg_history:
-        assert rng is not None, "negative histories need a random generator"
-        neg = touched.sample(users, rng, (hist.shape[1],)) * mask
+        assert rng is not None and touched is not None, "negative histories need a random generator and touched items"
+        neg = touched.sample(profile_users, rng, (hist.shape[1],)) * mask
         batch.neg_history = torch.from_numpy(neg.astype(np.int64))
     if sessions is not None:
         from retrieval.ranking.sessions import divide_sessions
 
         s_items, s_mask = divide_sessions(
-            ds.items, ds.times, ds.offsets[users], ends, sessions.gap, sessions.sessions, sessions.per_session
+            seqs.items, seqs.times, seqs.offsets[users], ends, sessions.gap, sessions.sessions, sessions.per_session
         )
         batch.sessions = torch.from_numpy(s_items.astype(np.int64))
         batch.session_mask = torch.from_numpy(s_mask)

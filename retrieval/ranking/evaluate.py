@@ -14,34 +14,19 @@ from retrieval.data import Dataset, Split
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
-from retrieval.mind import MIND
-from retrieval.ranking.data import PairSet, TouchedItems, protocol_pairs
+from retrieval.retrievers import Retriever
+from retrieval.ranking.data import protocol_pairs
 from retrieval.ranking.models import Ranker
-from retrieval.ranking.train import pair_metrics, score_pairs
+from retrieval.ranking.scoring import pair_metrics, rerank
 from retrieval.recommend import recommend
-
-
-def rerank(
-    ranker: Ranker, ds: Dataset, touched: TouchedItems, users: np.ndarray, ends: np.ndarray, candidates: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder each user's (M,) candidates (0 = none) by the ranker: items (U, M) and logits (U, M)."""
-    U, M = candidates.shape
-    valid = candidates > 0
-    rows = np.nonzero(valid.reshape(-1))[0]
-    pairs = PairSet(np.repeat(users, M)[rows], np.repeat(ends, M)[rows], candidates.reshape(-1)[rows],
-                    np.zeros(len(rows), np.float32))
-    logits = np.full(U * M, -np.inf, dtype=np.float32)
-    logits[rows] = score_pairs(ranker, ds, touched, pairs)
-    logits = logits.reshape(U, M)
-    order = np.argsort(-logits, axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(logits, order, 1)
+from retrieval.samples import Histories
 
 
 def evaluate_ranker(
     ranker: Ranker,
     ds: Dataset,
     split: Split,
-    retriever: MIND,
+    retriever: Retriever,
     index: faiss.Index,
     part: str = "test",
     m: int = 200,
@@ -50,13 +35,14 @@ def evaluate_ranker(
     """Standalone AUC / GAUC on the protocol's pairs, and two-stage metrics beside retrieval's."""
     if m < max(ns):
         raise RetrievalError(f"M={m} candidates cannot fill a top-{max(ns)} list; use at least {max(ns)}")
-    touched = TouchedItems(ds)
     t0 = time.perf_counter()
-    standalone = pair_metrics(ranker, ds, touched, protocol_pairs(ds, split, part))
+    standalone = pair_metrics(ranker, ds, protocol_pairs(ds, split, part))
     users, ends, truth = held_out_users(ds, split, part)
-    cands = recommend(retriever, ds, index, users, ends, m).items  # (U, M)
+    hist = Histories.of(ds, users, ends)
+    cands = recommend(retriever, ds, index, hist, m).items  # (U, M)
     t1 = time.perf_counter()
-    reranked, _ = rerank(ranker, ds, touched, users, ends, cands)
+    order, _ = rerank(ranker, ds, hist, cands)
+    reranked = np.take_along_axis(cands, order, 1)
     score_s = time.perf_counter() - t1
     as_ranked = lambda x: np.where(x > 0, x, -1)  # noqa: E731
     return {

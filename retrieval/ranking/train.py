@@ -14,10 +14,10 @@ import torch
 
 from retrieval.data import Dataset, Split
 from retrieval.errors import DataError
-from retrieval.metrics import auc, gauc
 from retrieval.progress import progress_bar
 from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, protocol_pairs
 from retrieval.ranking.models import Ranker, build_ranker, needs
+from retrieval.ranking.scoring import pair_metrics
 from retrieval.samples import training_positions
 from retrieval.train import Diverged, LossGuard, check_finite_weights, seeded, stop_on_divergence
 
@@ -48,24 +48,6 @@ class RankTrainResult:
     best_auc: float
     samples_per_s: float
     diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
-
-
-@torch.no_grad()
-def score_pairs(model: Ranker, ds: Dataset, touched: TouchedItems, pairs: PairSet, batch_size: int = 4096) -> np.ndarray:
-    """Logits (R,) of every (user, history end, candidate) row."""
-    model.eval()
-    spec = needs(model)
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        p = pairs.take(np.arange(i, min(i + batch_size, len(pairs))))
-        b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, None, spec.max_len, sessions=spec.sessions)
-        out.append(model.score(b).numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def pair_metrics(model: Ranker, ds: Dataset, touched: TouchedItems, pairs: PairSet) -> dict[str, float]:
-    s = score_pairs(model, ds, touched, pairs)
-    return {"auc": auc(pairs.labels, s), "gauc": gauc(pairs.users, pairs.labels, s)}
 
 
 def training_pairs(
@@ -138,7 +120,7 @@ def train_ranker(
             break
         seconds = time.perf_counter() - t0
         total_rows, total_time = total_rows + len(order), total_time + seconds
-        val = pair_metrics(model, ds, touched, val_pairs)
+        val = pair_metrics(model, ds, val_pairs)
         entry = {"epoch": epoch, "loss": loss_sum / steps, "val_auc": val["auc"], "val_gauc": val["gauc"],
                  "samples_per_s": len(order) / seconds, "seconds": seconds}
         history.append(entry)
@@ -170,7 +152,8 @@ def hard_negatives(model: Any, ds: Dataset, split: Split, m: int) -> dict[int, n
     them): hard negatives."""
     from retrieval.evaluate import exact_index
     from retrieval.recommend import recommend
+    from retrieval.samples import Histories
 
     users = split.train_users
-    rec = recommend(model, ds, exact_index(model), users, split.history_len[users], m)
+    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, split.history_len[users]), m)
     return {int(u): row[row > 0] for u, row in zip(users, rec.items)}
