@@ -130,14 +130,14 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_fits_in_memory(model_config: MINDConfig) -> None:
+def check_fits_in_memory(model_config: Any) -> None:
     """ConfigError, before anything is allocated, when the model's float32 weights, gradients
     and two Adam moments, plus the item vectors and exact index of validation, exceed the
     memory available. The model is built on the meta device to count its parameters."""
     n, d = model_config.n_items + 1, model_config.dim
     try:
         with torch.device("meta"):
-            params = sum(p.numel() for p in MIND(model_config).parameters())
+            params = sum(p.numel() for p in build_retriever(model_config).parameters())
     except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes past what torch can even describe
         raise ConfigError(f"the model does not fit in memory: D={d} over {n - 1:,} items is too large; lower --dim") from None
     need = 4 * (4 * params + 2 * n * d)
