@@ -17,11 +17,13 @@ Shapes: B batch, L history length, K interests, D dimension, N items, S sampled 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from retrieval.errors import ConfigError
 from retrieval.interests import Batch, InterestConfig, InterestModel, Interests, interest_count
 from retrieval.layers import squash
 
@@ -109,6 +111,9 @@ def log_expected_counts(freq: Tensor, num_neg: int, alpha: float) -> tuple[Tenso
     w = (freq.to(torch.float64) + 1.0).pow(alpha)
     w[0] = 0.0
     q = w / w.sum()
+    if not math.isfinite(alpha) or not bool(torch.isfinite(q).all()):
+        raise ConfigError(f"negatives drawn with neg_alpha={alpha} have no usable distribution "
+                          "(the item weights overflow); use a value such as 0, 0.75 or 1")
     log_q = torch.log(q * num_neg).to(torch.float32)
     log_q[0] = 0.0
     return q.to(torch.float32), log_q

@@ -2,7 +2,9 @@
 
 Deterministic for a given seed (numpy and torch generators seeded, fixed thread count).
 Each time validation improves the bundle is rewritten atomically, so an interrupted run
-leaves the best bundle so far and never a half-written one.
+leaves the best bundle so far and never a half-written one. A loss that turns NaN or
+infinite, or explodes (`LossGuard`), stops training: the best epoch so far is kept, or,
+when there is none, a TrainingError says so and nothing is written.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 
 from retrieval.bundle import config_dict, save_bundle
 from retrieval.data import Dataset, DataSpec, Split, item_counts
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError, TrainingError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import Batch, log_expected_counts
@@ -58,6 +60,96 @@ class TrainResult:
     best_epoch: int
     best_recall: float
     samples_per_s: float
+    diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
+
+
+class Diverged(Exception):
+    """A training step's loss, or the weights after an epoch, became NaN, infinite or exploded."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"{what} at step {step}")
+        self.step = step
+
+
+DIVERGENCE_FACTOR = 100.0  # a step loss this many times the run's first (and at least 1) means diverged
+
+
+class LossGuard:
+    """The divergence check of every training loop (MIND and rankers), one call per step.
+
+    A loss that turns NaN or infinite, or grows to DIVERGENCE_FACTOR times the run's first
+    step loss (floored at 1), is divergence: cross-entropy losses start near log(classes)
+    and a healthy run never multiplies them a hundredfold, while an exploding one (too
+    high a learning rate) gets there within a few steps, long before float32 overflows."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def check(self, loss: float, step: int) -> float:
+        """`loss` back when it is healthy, else Diverged."""
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss}", step)
+        if self.first is None:
+            self.first = loss
+        elif loss > DIVERGENCE_FACTOR * max(self.first, 1.0):
+            raise Diverged(f"the loss exploded to {loss:.4g} (the first step's was {self.first:.4g})", step)
+        return loss
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Diverged when the last step of an epoch left NaN or infinite weights (its own loss was finite)."""
+    with torch.no_grad():
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise Diverged("the weights became NaN or infinite", step)
+
+
+def stop_on_divergence(err: Diverged, epoch: int, best_epoch: int) -> str:
+    """What to do when training diverged: TrainingError when no epoch has been kept yet
+    (nothing was written), else a warning; returns the note for the result."""
+    note = f"{err} of epoch {epoch}"
+    if best_epoch == 0:
+        raise TrainingError(f"training diverged: {note}, before any epoch was kept; nothing was written "
+                            "(lower the learning rate)")
+    log.warning("training diverged: %s; stopped, keeping the best epoch %d", note, best_epoch)
+    return note
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits_in_memory(model_config: Any) -> None:
+    """ConfigError, before anything is allocated, when the model's float32 weights, gradients
+    and two Adam moments, plus the item vectors and exact index of validation, exceed the
+    memory available. The model is built on the meta device to count its parameters."""
+    n, d = model_config.n_items + 1, model_config.dim
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_retriever(model_config).parameters())
+    except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes past what torch can even describe
+        raise ConfigError(f"the model does not fit in memory: D={d} over {n - 1:,} items is too large; lower --dim") from None
+    need = 4 * (4 * params + 2 * n * d)
+    available = available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"the model does not fit in memory: D={d} over {n - 1:,} items needs about {need / 2**30:,.1f} GiB "
+            f"(weights, gradients, optimizer state), {available / 2**30:,.1f} GiB is available; lower --dim"
+        )
 
 
 def validation_metrics(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> dict[str, float]:
@@ -169,6 +261,7 @@ class Setup:
     ends: np.ndarray  # (U,) training length of each user's sequence: a target never lies beyond it
     target_window: int  # W: targets drawn from the next W behaviours
     rng: np.random.Generator  # draws the target offsets within the window
+    guard: LossGuard = field(default_factory=LossGuard)  # stops a diverging run
 
     def negatives(self) -> torch.Tensor:
         """(S,) the negatives of one step: a draw from q, or every item 1..N."""
@@ -187,6 +280,7 @@ class Setup:
 
 def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> Setup:
     """Seed, build the model and its optimizers, the training windows and the negative sampler."""
+    check_fits_in_memory(model_config)
     seeded(config.seed, config.threads)
     model = build_retriever(model_config, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
     users, positions = training_positions(ds, split.train_users, split.history_len)
@@ -229,10 +323,11 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
         idx = order[s * batch_size : (s + 1) * batch_size]  # (B,)
         users, positions = st.users[idx], st.positions[idx]
         batch = make_batch(ds, users, positions, L, with_target=True, target=st.targets(users, positions))
-        loss_sum += train_step(model, st.opts, batch, st.negatives(), st.log_q)
+        loss_sum += st.guard.check(train_step(model, st.opts, batch, st.negatives(), st.log_q), s + 1)
         if bar is not None:
             done = min((s + 1) * batch_size, len(order))
             bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
+    check_finite_weights(model, steps)
     return loss_sum / max(steps, 1)
 
 
@@ -260,13 +355,17 @@ def train(
 
     history: list[dict[str, Any]] = []
     best_recall, best_epoch, best_state, stale = -1.0, 0, None, 0
-    total_samples, total_time = 0, 0.0
+    total_samples, total_time, diverged = 0, 0.0, None
     for epoch in range(1, config.epochs + 1):
         order = epoch_order(rng, len(st.users), config.batch_size, config.max_steps)
         steps = (len(order) + config.batch_size - 1) // config.batch_size
         t0 = time.perf_counter()
-        with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
-            loss = run_steps(ds, st, order, config.batch_size, bar)
+        try:
+            with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
+                loss = run_steps(ds, st, order, config.batch_size, bar)
+        except Diverged as err:
+            diverged = stop_on_divergence(err, epoch, best_epoch)
+            break
         train_time = time.perf_counter() - t0
         total_samples, total_time = total_samples + len(order), total_time + train_time
         val = validation_metrics(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
@@ -299,7 +398,7 @@ def train(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    result = TrainResult(model, history, best_epoch, best_recall, total_samples / total_time)
+    result = TrainResult(model, history, best_epoch, best_recall, total_samples / total_time, diverged)
     if out is not None and data_spec is not None:  # final manifest carries the whole history
         save_trained(out, result, ds, split, model_config, config, data_spec)
     return result
@@ -310,7 +409,8 @@ def save_trained(out: Path, result: TrainResult, ds: Dataset, split: Split, mode
     """Write the bundle of a trained model (atomically) with its validation figures and history."""
     save_bundle(out, result.model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
                 extra={"best_epoch": result.best_epoch, f"val_recall@{config.eval_n}": result.best_recall,
-                       "train_samples_per_s": result.samples_per_s, "history": result.history, **(extra or {})})
+                       "train_samples_per_s": result.samples_per_s, "history": result.history,
+                       **({"diverged": result.diverged} if result.diverged else {}), **(extra or {})})
 
 
 AUTO_INTERESTS = (1, 2, 4, 8)  # the K that `--interests auto` tries
