@@ -26,15 +26,7 @@ from retrieval.layers import masked_softmax
 @dataclass
 class ComiRecConfig(InterestConfig):
     attention_hidden: int = 0  # d_a, width of the attention's tanh layer; 0 = 4 D (ComiRec's code)
-    positions: bool = True  # learned recency embeddings added to the behaviours the attention reads
-
-
-def recency(mask: Tensor) -> Tensor:
-    """(B, L) int64 recency of each slot of left-aligned histories: 0 for the most recent real
-    behaviour, n - 1 for the oldest; 0 on padding."""
-    n = mask.sum(1, keepdim=True)  # (B, 1)
-    slot = torch.arange(mask.shape[1], device=mask.device)[None, :]  # (1, L)
-    return (n - 1 - slot).clamp(min=0) * mask
+    positions: bool = True  # learned recency embeddings added to the behaviours the attention reads (add_pos)
 
 
 class ComiRecSA(InterestModel):
@@ -46,20 +38,14 @@ class ComiRecSA(InterestModel):
         d_a = c.attention_hidden or 4 * c.dim
         self.W1 = nn.Linear(c.dim, d_a, bias=False)
         self.W2 = nn.Linear(d_a, c.interests, bias=False)
-        self.position = nn.Parameter(torch.zeros(c.max_len, c.dim)) if c.positions else None
-        g = torch.Generator().manual_seed(c.seed)
-        self.reset_embeddings(g)
-        if self.position is not None:
-            with torch.no_grad():
-                self.position.normal_(0, c.dim**-0.5, generator=g)
+        self.reset_embeddings(torch.Generator().manual_seed(c.seed))
 
     def extract(self, low: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention of the behaviours into capsules (B, K, D), their mass (B, K): the
         share of each behaviour's attention that goes to each interest, averaged over the
         real behaviours; and the attention (B, K, L), each active row summing to 1."""
-        keys = low
-        if self.position is not None:
-            keys = low + self.position[recency(mask)] * mask.unsqueeze(-1)  # (B, L, D)
+        pos = self.recency_embedding(mask)  # (B, L, D) or None
+        keys = low if pos is None else low + pos
         logits = self.W2(torch.tanh(self.W1(keys))).transpose(1, 2)  # (B, K, L)
         A = masked_softmax(logits, mask[:, None, :], dim=2) * active[:, :, None]  # (B, K, L)
         caps = A @ low  # (B, K, D), zero where inactive

@@ -77,6 +77,7 @@ class InterestConfig:
     hidden: int = 256  # width of the first of the two ReLU layers after the capsules
     head_relu: bool = True  # a ReLU after the head's last layer too (the paper); False lets interests be signed
     dropout: float = 0.0  # dropout on the behaviour embeddings the extractor reads (training only)
+    positions: bool = False  # learned recency embeddings (0 = the most recent behaviour) for the extractor to read
     attention: Literal["power", "hard", "max"] = "hard"  # label-aware attention: argmax, softmax(s^p), or
     # "max": every candidate (target and negatives) scored by its best interest, as the best-score merge serves
     pow: float = 2.0  # p of the label-aware attention: 0 = mean of interests, large = near hard
@@ -87,6 +88,14 @@ class InterestConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def recency(mask: Tensor) -> Tensor:
+    """(B, L) int64 recency of each slot of left-aligned histories: 0 for the most recent real
+    behaviour, n - 1 for the oldest; 0 on padding."""
+    n = mask.sum(1, keepdim=True)  # (B, 1)
+    slot = torch.arange(mask.shape[1], device=mask.device)[None, :]  # (1, L)
+    return (n - 1 - slot).clamp(min=0) * mask
 
 
 def interest_count(lengths: Tensor, k: int) -> Tensor:
@@ -118,15 +127,25 @@ class InterestModel(nn.Module):
         )
         profile = c.profile_dim * len(c.user_feature_sizes)
         self.head = mlp([c.dim + profile, c.hidden, c.dim], final_activation=c.head_relu)
+        # by recency, so the same slot means the same thing for a history of any length
+        self.position = nn.Parameter(torch.zeros(c.max_len, c.dim)) if c.positions else None
 
     def reset_embeddings(self, g: torch.Generator) -> None:
-        """Item and profile embeddings ~ N(0, 1/D) from `g`, padding rows zero."""
+        """Item, profile and recency embeddings ~ N(0, 1/D) from `g`, padding rows zero."""
         std = self.config.dim**-0.5
         with torch.no_grad():
             for emb in [self.item_id, *(m.emb for m in self.item_fields.values()),
                         *(m.emb for m in self.user_fields.values())]:
                 emb.weight.normal_(0, std, generator=g)
                 emb.weight[0] = 0
+            if self.position is not None:
+                self.position.normal_(0, std, generator=g)
+
+    def recency_embedding(self, mask: Tensor) -> Tensor | None:
+        """(B, L, D) the recency embedding of each real behaviour (zero on padding), None without positions."""
+        if self.position is None:
+            return None
+        return self.position[recency(mask)] * mask.unsqueeze(-1)
 
     def extract(self, low: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Behaviour embeddings low (B, L, D), real behaviours mask (B, L), interests in use

@@ -6,7 +6,8 @@ low-level capsule, routing logits are drawn from N(0, sigma^2) (never learned), 
 `routing_iters` rounds of softmax-over-interests, weighted sums and squash move each
 behaviour toward the interests it agrees with. The item tower, the dynamic interest
 count, the profile head, label-aware attention and the sampled softmax are shared by
-every extractor (interests.py).
+every extractor (interests.py). With `positions`, each behaviour's learned recency
+embedding is added to it before the routing (not in the paper), so order can shape the interests.
 
 `routing_grad` departs from the paper: the routing logits are then updated from capsules
 that keep their gradient, so the coupling coefficients (and REMI's penalty on them) train
@@ -98,6 +99,9 @@ class MIND(InterestModel):
         a fixed draw, so a user always gets the same interests."""
         c = self.config
         B, L, _ = low.shape
+        pos = self.recency_embedding(mask)  # (B, L, D) or None: behaviours carry their recency into the routing
+        if pos is not None:
+            low = low + pos
         if self.training:
             init = torch.randn(B, c.interests, L, device=low.device) * c.routing_sigma
         else:

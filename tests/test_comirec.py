@@ -2,7 +2,8 @@
 
 import torch
 
-from retrieval.comirec import ComiRecConfig, ComiRecSA, recency
+from retrieval.comirec import ComiRecConfig, ComiRecSA
+from retrieval.interests import recency
 from retrieval.interests import Batch
 from retrieval.mind import MINDConfig, log_expected_counts
 from retrieval.retrievers import build_retriever, retriever_name

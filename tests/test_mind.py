@@ -350,3 +350,16 @@ def test_dropout_acts_in_training_only():
     a = plain.user_vectors(b).vectors
     torch.manual_seed(1)
     assert not torch.allclose(a, dropped.user_vectors(b).vectors)
+
+
+def test_recency_positions_enter_the_routing_and_keep_padding_inert():
+    b = _batch()
+    plain, timed = _model().eval(), _model(positions=True).eval()
+    assert plain.position is None and timed.position.shape == (L, D)
+    it = timed.user_vectors(b)
+    assert not torch.allclose(it.vectors, plain.user_vectors(b).vectors)
+    garbage = b.history.masked_fill(~b.mask, 7)  # padded slots hold a real item, still masked
+    assert torch.allclose(timed.user_vectors(Batch(garbage, b.mask, b.user_features)).vectors, it.vectors, atol=1e-6)
+    # a user's vectors do not depend on the batch's longest history (recency counts back from the last behaviour)
+    one = Batch(b.history[1:2, :6], b.mask[1:2, :6], {"age": b.user_features["age"][1:2]})
+    assert torch.allclose(timed.user_vectors(one).vectors[0], it.vectors[1], atol=1e-6)
