@@ -178,7 +178,7 @@ TargetWindow = Annotated[int, typer.Option(min=1, help="W: each training window'
 Dim = Annotated[int, typer.Option(min=2, help="D: embedding size.")]
 MaxLen = Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")]
 Pow = Annotated[float, typer.Option(callback=_non_negative, help="Label-aware attention power p (0 = mean).")]
-HardAttention = Annotated[bool, typer.Option("--hard-attention/--power-attention", help="Label-aware attention: the best-matching interest (default, best on validation) or softmax(s^p) with --pow.")]
+Attention = Annotated[Literal["max", "hard", "power"], typer.Option(help="How training reads the interests: max (every candidate, the target and each negative, scored by its best interest, as the best-score merge serves), hard (the label-aware attention's best-matching interest for the target, the paper's p -> infinity) or power (softmax(s^p) with --pow).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Most epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1)]
 Lr = Annotated[float, typer.Option(callback=_non_negative, help="Adam learning rate.")]
@@ -244,7 +244,7 @@ def train(
     max_len: MaxLen = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
     pow: Pow = 2.0,
-    hard_attention: HardAttention = True,
+    attention: Attention = "hard",
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -273,7 +273,7 @@ def train(
     ds = load_dataset(spec)
     split = split_users(ds, split_seed)
     settings = _model_settings(extractor, dim=dim, interests=k or 1, max_len=max_len, pow=pow,
-                               attention="hard" if hard_attention else "power", seed=seed,
+                               attention=attention, seed=seed,
                                hard_negatives=hard_negatives, peak_penalty=peak_penalty,
                                routing_iters=routing_iters, routing_grad=routing_grad)
     cfg = model_config_for(ds, extractor, **settings)
@@ -540,7 +540,7 @@ def experiment(
     dim: Dim = 64,
     max_len: MaxLen = 50,
     pow: Pow = 2.0,
-    hard_attention: HardAttention = True,
+    attention: Attention = "hard",
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -570,7 +570,7 @@ def experiment(
     _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
     settings = _model_settings(extractor, interests=k or 1, dim=dim, max_len=max_len, pow=pow,
-                               attention="hard" if hard_attention else "power", seed=seed,
+                               attention=attention, seed=seed,
                                hard_negatives=hard_negatives, peak_penalty=peak_penalty, routing_grad=routing_grad)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
                      patience=patience, seed=seed, target_window=target_window)

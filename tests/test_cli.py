@@ -109,12 +109,13 @@ def test_train_self_attention_with_auto_interests_records_every_k(invoke, tiny_d
     result = invoke("train", "--interactions", tiny_data["interactions"], "--items", tiny_data["items"],
                     "--out", out, "--extractor", "self-attention", "--interests", "auto", "--epochs", "1",
                     "--dim", "8", "--negatives", "16", "--hard-negatives", "0.5", "--peak-penalty", "0.1",
-                    "--target-window", "3")
+                    "--target-window", "3", "--attention", "max")
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     search = json.loads((out / "manifest.json").read_text())["interests_search"]
     assert config["retriever"] == "self-attention" and config["model"]["interests"] == search["chosen"]
     assert (config["model"]["hard_negatives"], config["model"]["peak_penalty"]) == (0.5, 0.1)
+    assert config["model"]["attention"] == "max"
     assert config["train"]["target_window"] == 3
     assert sorted(search["by_interests"], key=int) == ["1", "2", "4", "8"]
     assert f"K={search['chosen']}" in result.stdout and "<- chosen" in result.stdout
