@@ -73,9 +73,11 @@ def best_interest_softmax_loss(
     Hard label-aware attention scores the target by its best interest but each negative only
     by that one interest, so an interest is never told about the negatives it would retrieve
     when another one wins the target; here every interest answers for what it retrieves."""
-    off = ~active  # (B, K)
-    pos_logit = (interests @ pos_emb.unsqueeze(-1)).squeeze(-1).masked_fill(off, float("-inf")).amax(1)  # (B,)
-    neg_logit = (interests @ neg_emb.T).masked_fill(off[:, :, None], float("-inf")).amax(1)  # (B, S)
+    # an inactive interest stands in for the first one (always active): the max is over the active ones
+    # without masking a (B, K, S) tensor, and a copy that wins passes its gradient to the first interest
+    v = torch.where(active[:, :, None], interests, interests[:, :1])  # (B, K, D)
+    pos_logit = (v @ pos_emb.unsqueeze(-1)).squeeze(-1).amax(1)  # (B,)
+    neg_logit = (v @ neg_emb.T).amax(1)  # (B, S)
     return softmax_over_logits(pos_logit, neg_logit, pos, neg, log_q, beta)
 
 
