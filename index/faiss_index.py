@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 KIND = "index"
 METRIC = "inner_product"
-_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256")
+_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256", "files_sha256")
 
 
 def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -74,11 +74,14 @@ def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
     return index
 
 
-def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically write out_dir/index.faiss and out_dir/manifest.json.
+def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any],
+               files: dict[str, bytes] | None = None) -> None:
+    """Atomically write out_dir/index.faiss, the extra `files` (name -> bytes) beside it and
+    out_dir/manifest.json.
 
     The manifest holds kind "index", factory, d, ntotal, metric "inner_product", package
-    versions, the created time and the index file's sha256, plus the caller's fields
+    versions, the created time, the index file's sha256 and each extra file's sha256
+    (`files_sha256`, checked by load_index like the index's own), plus the caller's fields
     (e.g. bundle_fingerprint). `factory` is taken from the caller's fields when given (the
     string passed to build_index), else recovered from the index.
     """
@@ -89,9 +92,15 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
     clash = sorted(set(manifest) & set(_RESERVED))
     if clash:
         raise ValueError(f"manifest fields {clash} are written by save_index itself")
+    files = files or {}
+    for name in files:
+        if name in (INDEX_FILE, MANIFEST) or Path(name).name != name:
+            raise ValueError(f"extra index file {name!r}: a plain file name other than {INDEX_FILE} and {MANIFEST}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         atomic_write_json(
             tmp / MANIFEST,
             {
@@ -103,6 +112,7 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
                 "packages": package_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "index_sha256": file_fingerprint(tmp / INDEX_FILE),
+                **({"files_sha256": {name: file_fingerprint(tmp / name) for name in sorted(files)}} if files else {}),
                 **{k: v for k, v in manifest.items() if k != "factory"},
             },
         )
@@ -128,6 +138,12 @@ def load_index(
     expected = manifest.get("index_sha256")
     if expected is not None and file_fingerprint(path) != expected:
         raise ArtifactError(f"{path}: corrupt index (sha256 differs from the manifest)")
+    for name, digest in (manifest.get("files_sha256") or {}).items():
+        extra = index_dir / name
+        if not extra.is_file():
+            raise ArtifactError(f"{index_dir}: incomplete index (no {name})")
+        if file_fingerprint(extra) != digest:
+            raise ArtifactError(f"{extra}: corrupt index file (sha256 differs from the manifest)")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as err:
@@ -170,6 +186,17 @@ def search_param_name(index: faiss.Index) -> str | None:
     if isinstance(_innermost(index), faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def pad_queries(queries: np.ndarray, d: int) -> np.ndarray:
+    """Queries (..., d') for an index of dimension d >= d': zeros appended. An index whose item
+    vectors carry extra trailing coordinates (an item prior: retrieval.channels) is then
+    searched by the plain inner product of the first d' coordinates."""
+    queries = np.asarray(queries)
+    extra = d - queries.shape[-1]
+    if extra <= 0:
+        return queries
+    return np.concatenate([queries, np.zeros((*queries.shape[:-1], extra), dtype=queries.dtype)], axis=-1)
 
 
 def search_interests(

@@ -1,12 +1,17 @@
 """Offline evaluation under `shared/eval-protocol.md`: MIND against its baselines on the same users.
 
-One report holds MIND (best-score merge, and the share merge beside it), MIND with one
-interest (K=1), item-based nearest neighbours and popularity, all on the same held-out
-users of the same split, with the fields the protocol asks for and throughput figures.
+One report holds MIND (best-score merge, and the share merge beside it), MIND with the item
+prior, the merged retriever (MIND + item-kNN + popularity), MIND with one interest (K=1),
+item-based nearest neighbours and popularity, all on the same held-out users of the same
+split (user or temporal), with the fields the protocol asks for, throughput figures,
+Recall@1..200 of every model (the pictures), figures by history length and the diagnostics
+of MIND's interests (retrieval/diagnostics.py). Every choice (merge, channel weights) is
+made on validation users.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,31 +23,32 @@ from index.faiss_index import build_index
 from retrieval.artifacts import package_versions
 from retrieval.baselines import item_knn, popularity
 from retrieval.bundle import Bundle
-from retrieval.data import Dataset, Split
+from retrieval.channels import CHANNELS, ChannelWeights, Channels, build_channels, prior_index, retrieve, tune_channels
+from retrieval.data import Dataset, Split, held_out_users  # noqa: F401  (held_out_users: imported from here by others)
 from retrieval.errors import ArtifactError
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.retrievers import Retriever
-from retrieval.recommend import recommend
+from retrieval.diagnostics import by_history_length, interest_diagnostics, shares, slot_hits
+from retrieval.recommend import interest_vectors, recommend
 from retrieval.samples import Histories
 
 NS = (20, 50)
+CURVE_N = 200  # Recall@N is reported for N = 1..CURVE_N (the pictures)
+KNN_K = 100  # neighbours per item in the merged retriever's item-kNN table
 
 
-def held_out_users(ds: Dataset, split: Split, part: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Users of `part` with a non-empty ground truth, their history ends, and their ground truths."""
-    users = split.users(part)
-    users = users[split.history_len[users] < ds.lengths()[users]]
-    ends = split.history_len[users]
-    truth = [ds.sequence(u)[e:] for u, e in zip(users, ends)]
-    return users, ends, truth
-
-
-def _score(name: str, run: Callable[[], np.ndarray], truth: list[np.ndarray], ns: Sequence[int]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ranked = run()
-    seconds = time.perf_counter() - t0
-    figures = mean_metrics(topn_metrics(np.where(ranked > 0, ranked, -1), truth, ns))
-    return {"model": name, **figures, "users": len(truth), "users_per_s": len(truth) / max(seconds, 1e-9)}
+def _ranked_figures(ranked: np.ndarray, truth: list[np.ndarray], ns: Sequence[int], lengths: np.ndarray,
+                    curve_n: int) -> tuple[dict[str, Any], list[float], dict[str, Any], np.ndarray]:
+    """Metrics at each N of `ns` (from the list's prefix), Recall@1..curve_n, figures by history
+    length at max(ns), and the (U, max(ns)) slot hits."""
+    ids = np.where(ranked > 0, ranked, -1)
+    figures = mean_metrics(topn_metrics(ids, truth, ns))
+    hits = slot_hits(ranked, truth)  # (U, n')
+    g = np.array([len(np.unique(t)) for t in truth], dtype=np.float64)
+    width = min(curve_n, ranked.shape[1])
+    curve = (np.cumsum(hits[:, :width], axis=1) / g[:, None]).mean(0) if len(truth) else np.zeros(width)
+    n = max(ns)
+    return figures, [round(float(x), 6) for x in curve], by_history_length(ranked, truth, lengths, n), hits[:, :n]
 
 
 def exact_index(model: Retriever) -> faiss.Index:
@@ -58,9 +64,21 @@ def evaluate_models(
     part: str = "test",
     ns: Sequence[int] = NS,
     max_len: int = 50,
+    channels: Channels | None = None,
+    knn_k: int = KNN_K,
+    curve_n: int = CURVE_N,
 ) -> dict[str, Any]:
-    """Metrics of every model on the held-out users of `part`, plus the merge chosen on validation."""
+    """Metrics of every model on the held-out users of `part`, choices made on validation users.
+
+    Models: MIND (best-score merge, and the share merge beside it), MIND with the item prior,
+    the merged retriever (MIND + item-kNN + popularity, retrieval/channels.py), MIND K=1 when
+    given, item-kNN and popularity. `channels` come with an index built with them (their
+    weights chosen on validation at build time); without, they are built from the training
+    data here and their weights chosen on validation users. Also: Recall@1..curve_n of every
+    model, figures by history length, and the diagnostics of MIND's interests and of the
+    merged retriever's channels."""
     n = max(ns)
+    deep = max(n, curve_n)
     users, ends, truth = held_out_users(ds, split, part)
     if len(users) == 0:
         raise ArtifactError(f"no {part} users with a ground truth to evaluate")
@@ -75,24 +93,62 @@ def evaluate_models(
             val[merge] = mean_metrics(topn_metrics(np.where(r > 0, r, -1), v_truth, (n,)))[f"recall@{n}"]
         chosen = max(val, key=lambda m: (val[m], m == "best"))
 
+    # The channels' weights are chosen on validation users only.
+    tuned = None
+    if channels is None:
+        channels = build_channels(ds, split, k=knn_k, max_len=max_len)
+        channel_index = prior_index(mind, channels)
+        if len(v_users):
+            tuned = tune_channels(mind, ds, split, channel_index, channels, n=n)
+            channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior
+    else:
+        channel_index = index
+    with_prior = dataclasses.replace(channels, weights=ChannelWeights(channels.prior_only, 0.0))
+
     hist = Histories.of(ds, users, ends)
-    rows = [
-        _score("mind", lambda: recommend(mind, ds, index, hist, n, merge="best").items, truth, ns),
-        _score("mind_share_merge", lambda: recommend(mind, ds, index, hist, n, merge="share").items, truth, ns),
-    ]
-    rows[0]["merge"], rows[1]["merge"] = "best", "share"
+    lengths = ends.astype(np.int64)
+    runs: dict[str, Callable[[], Any]] = {
+        "mind": lambda: recommend(mind, ds, index, hist, deep, merge="best"),
+        "mind_share_merge": lambda: recommend(mind, ds, index, hist, n, merge="share"),
+        "mind_prior": lambda: retrieve(mind, ds, channel_index, hist, deep, channels=with_prior),
+        "retriever": lambda: retrieve(mind, ds, channel_index, hist, deep, channels=channels),
+    }
     if mind_k1 is not None:
         k1_index = exact_index(mind_k1)
-        rows.append(_score("mind_k1", lambda: recommend(mind_k1, ds, k1_index, hist, n).items, truth, ns))
-    rows.append(_score("item_knn", lambda: item_knn(ds, split, users, ends, n, max_len=max_len), truth, ns))
-    rows.append(_score("popularity", lambda: popularity(ds, split, users, ends, n), truth, ns))
+        runs["mind_k1"] = lambda: recommend(mind_k1, ds, k1_index, hist, deep)
+    runs["item_knn"] = lambda: item_knn(ds, split, users, ends, deep, max_len=max_len)
+    runs["popularity"] = lambda: popularity(ds, split, users, ends, deep)
+
+    models, curves, by_length, diagnostics = {}, {}, {}, {}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+        ranked = out if isinstance(out, np.ndarray) else out.items
+        figures, curves[name], by_length[name], hits = _ranked_figures(ranked, truth, ns, lengths, curve_n)
+        models[name] = {**figures, "users": len(truth), "users_per_s": len(truth) / max(seconds, 1e-9)}
+        if name in ("mind", "mind_k1"):
+            model = mind if name == "mind" else mind_k1
+            diagnostics[name] = interest_diagnostics(interest_vectors(model, ds, hist), out.interest[:, :n], hits)
+        elif name == "retriever":
+            diagnostics[name] = {"per_channel": shares(out.channel[:, :n], hits, CHANNELS)}
+    models["mind"]["merge"], models["mind_share_merge"]["merge"] = "best", "share"
+    curves.pop("mind_share_merge")  # a share of n slots is not a prefix of a longer list
     return {
         "part": part,
+        "split": split.kind,
+        **({"split_cut": split.cut} if split.cut is not None else {}),
         "users": len(users),
         "N": list(ns),
         "merge_chosen_on_validation": chosen,
         f"validation_recall@{n}_by_merge": val,
-        "models": {r.pop("model"): r for r in rows},
+        "channels": {**channels.settings(),
+                     "weights_from": "validation users, here" if tuned else "the index (validation users, at build-index)",
+                     **({"validation_trials": tuned.trials, "objective": tuned.objective} if tuned else {})},
+        "models": models,
+        "diagnostics": diagnostics,
+        "by_history_length": by_length,
+        "recall_curve": curves,
     }
 
 
@@ -110,19 +166,22 @@ def bundle_summary(b: Bundle) -> dict[str, Any]:
     }
 
 
-def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | None, part: str) -> dict[str, Any]:
+def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | None, part: str,
+                     channels: Channels | None = None) -> dict[str, Any]:
     """The report of `retrieve evaluate`: protocol fields, metrics and throughput."""
     if k1 is not None:
         if k1.manifest["data_fingerprint"] != bundle.manifest["data_fingerprint"]:
             raise ArtifactError(f"{k1.path}: the K=1 bundle was trained on other data than {bundle.path}")
-        if k1.split.seed != bundle.split.seed:
+        if (k1.split.kind, k1.split.seed) != (bundle.split.kind, bundle.split.seed):
             raise ArtifactError(
                 f"{k1.path}: the K=1 bundle uses split seed {k1.split.seed}, {bundle.path} uses {bundle.split.seed}"
+                if k1.split.kind == bundle.split.kind else
+                f"{k1.path}: the K=1 bundle uses the {k1.split.kind} split, {bundle.path} the {bundle.split.kind} split"
             )
     t0 = time.perf_counter()
     result = evaluate_models(
         bundle.dataset, bundle.split, bundle.model, index, k1.model if k1 else None, part,
-        max_len=bundle.config["model"]["max_len"],
+        max_len=bundle.config["model"]["max_len"], channels=channels,
     )
     return {
         "kind": "retrieval-report",
