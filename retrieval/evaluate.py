@@ -221,3 +221,32 @@ def _cell(row: dict[str, Any], col: str) -> str:
     if isinstance(v, dict):  # multi-seed: mean ± std
         return f"{v['mean']:.4f}±{v['std']:.4f}"
     return f"{v:.4f}"
+
+
+def format_diagnostics(report: dict[str, Any]) -> str:
+    """The diagnostics of a report as a few lines: interests, channels, history length."""
+    lines = []
+    n = max(report["N"])
+    for name, d in report.get("diagnostics", {}).items():
+        if "interest_collapse" in d:
+            shares_text = "  ".join(f"{k}: {v['slots']:.2f}/{v['hits']:.2f}" for k, v in d["per_interest"].items())
+            lines.append(f"{name}: interest collapse {d['interest_collapse']:.3f}  routing concentration "
+                         f"{d['routing_concentration']:.3f}  active interests {d['mean_active_interests']:.2f}  "
+                         f"slots/hits per interest {shares_text}")
+        if "per_channel" in d:
+            lines.append(f"{name}: slots/hits per channel " + "  ".join(
+                f"{k}: {v['slots']:.2f}/{v['hits']:.2f}" for k, v in d["per_channel"].items()))
+    ch = report.get("channels")
+    if ch:
+        lines.append(f"channels: prior weight {ch['weights']['prior']:.4g} (alone: {ch['prior_only']:.4g}), item-kNN "
+                     f"weight {ch['weights']['item_knn']:.3g}, k={ch['knn_k']}; from {ch['weights_from']}")
+    by_len = report.get("by_history_length", {})
+    if by_len:
+        buckets = list(next(iter(by_len.values())))
+        lines.append(f"recall@{n} / ndcg@{n} by history length: " + "   ".join(
+            f"{b} ({next(iter(by_len.values()))[b]['users']} users)" for b in buckets))
+        for name in ("mind", "mind_k1", "item_knn", "retriever"):
+            if name in by_len:
+                lines.append(f"  {name:<12}" + "   ".join(
+                    f"{by_len[name][b][f'recall@{n}']:.4f} / {by_len[name][b][f'ndcg@{n}']:.4f}" for b in buckets))
+    return "\n".join(lines)
