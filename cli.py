@@ -476,7 +476,7 @@ def experiment(
     settings: Annotated[Optional[str], typer.Option(help="More settings of the main MIND, key=value;key=value (any model-config or training field).")] = None,
     variants: Annotated[Optional[str], typer.Option(help="Comma-separated variants of the main MIND, each name:key=value;key=value (name: mind, or a registered retriever), e.g. an ablation per remedy.")] = None,
     tune: Annotated[Optional[str], typer.Option(help="Grid tried for the main MIND and for K=1 alike (the same budget), best validation Recall@50 kept: key=v1,v2;key=v1,v2.")] = None,
-    knn_k: Annotated[int, typer.Option(min=1, help="Neighbours per item in the merged retriever's item-kNN table.")] = 100,
+    knn_k: Annotated[str, typer.Option(help="Neighbours per item in the merged retriever's item-kNN table: comma-separated sizes, the best on validation users kept.")] = "50,100,200",
     plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: mean Recall@N for N=1..200 of every model, and every run's training curves (needs the plot extra).")] = None,
 ) -> None:
     """MIND, its variants, K=1 (same tuning budget), the merged retriever, item-kNN and popularity
@@ -502,6 +502,12 @@ def experiment(
     model_settings: dict[str, Any] = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
                                       "attention": "hard" if hard_attention else "power", "seed": seed}
     try:
+        knn_sizes = [int(k) for k in knn_k.split(",") if k.strip()]
+        if not knn_sizes or min(knn_sizes) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
+    try:
         model_settings.update(parse_settings(settings or "", "--settings entry"))
         variant_list = [v.strip() for v in (variants or "").split(",") if v.strip()]
         grid = parse_grid(tune or "")
@@ -524,7 +530,7 @@ def experiment(
         atomic_write_bytes(md, format_markdown(partial).encode())
 
     report = run_experiment(ds, spec, seed_list, model_settings, tc, split=split, train_seeds=train_seed_list,
-                            variants=variant_list, grid=grid, knn_k=knn_k, on_run=write)
+                            variants=variant_list, grid=grid, knn_k=knn_sizes, on_run=write)
     if plots is not None:
         from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
 

@@ -315,6 +315,7 @@ class Tuned:
     objective: str  # what was maximised on validation users
     trials: list[dict[str, float]]  # every (prior, item_knn, figures) tried, in order
     users: int  # validation users
+    best: float  # the objective at `merged`
 
 
 def _objective(rec: Recommendations, truth: list[np.ndarray], n: int) -> dict[str, float]:
@@ -352,4 +353,4 @@ def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Inde
     w, _ = best_of([(x, a) for x in prior_grid])
     log.info("channel weights on %d %s users: prior %.4g alone; prior %.4g + item-kNN %.3g (%s %.4f)",
              len(users), part, prior_only.prior, w, a, goal, seen[(w, a)])
-    return Tuned(prior_only, ChannelWeights(w, a), goal, trials, len(users))
+    return Tuned(prior_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)])

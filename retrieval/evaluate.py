@@ -34,7 +34,7 @@ from retrieval.samples import Histories
 
 NS = (20, 50)
 CURVE_N = 200  # Recall@N is reported for N = 1..CURVE_N (the pictures)
-KNN_K = 100  # neighbours per item in the merged retriever's item-kNN table
+KNN_K = (50, 100, 200)  # neighbours per item in the merged retriever's item-kNN table: tried, chosen on validation
 
 
 def _ranked_figures(ranked: np.ndarray, truth: list[np.ndarray], ns: Sequence[int], lengths: np.ndarray,
@@ -65,7 +65,7 @@ def evaluate_models(
     ns: Sequence[int] = NS,
     max_len: int = 50,
     channels: Channels | None = None,
-    knn_k: int = KNN_K,
+    knn_k: int | Sequence[int] = KNN_K,
     curve_n: int = CURVE_N,
 ) -> dict[str, Any]:
     """Metrics of every model on the held-out users of `part`, choices made on validation users.
@@ -74,7 +74,8 @@ def evaluate_models(
     the merged retriever (MIND + item-kNN + popularity, retrieval/channels.py), MIND K=1 when
     given, item-kNN and popularity. `channels` come with an index built with them (their
     weights chosen on validation at build time); without, they are built from the training
-    data here and their weights chosen on validation users. Also: Recall@1..curve_n of every
+    data here (one per neighbour-table size in `knn_k`) and their weights and table size
+    chosen on validation users. Also: Recall@1..curve_n of every
     model, figures by history length, and the diagnostics of MIND's interests and of the
     merged retriever's channels."""
     n = max(ns)
@@ -96,10 +97,18 @@ def evaluate_models(
     # The channels' weights are chosen on validation users only.
     tuned = None
     if channels is None:
-        channels = build_channels(ds, split, k=knn_k, max_len=max_len)
-        channel_index = prior_index(mind, channels)
-        if len(v_users):
-            tuned = tune_channels(mind, ds, split, channel_index, channels, n=n)
+        best = None
+        for k in ([knn_k] if isinstance(knn_k, int) else list(knn_k)):  # the table size, chosen on validation too
+            ch = build_channels(ds, split, k=k, max_len=max_len)
+            ch_index = prior_index(mind, ch)
+            if not len(v_users):
+                best = (None, ch, ch_index)
+                break
+            t = tune_channels(mind, ds, split, ch_index, ch, n=n)
+            if best is None or t.best > best[0].best:
+                best = (t, ch, ch_index)
+        tuned, channels, channel_index = best
+        if tuned is not None:
             channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior
     else:
         channel_index = index

@@ -165,7 +165,7 @@ def _training_record(r: TrainResult, chosen: dict[str, Any], tried: list[dict[st
 
 def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_settings: dict[str, Any],
              config: TrainConfig, variants: Sequence[Variant], grid: dict[str, list[Any]], part: str,
-             knn_k: int, show_progress: bool) -> dict[str, Any]:
+             knn_k: int | Sequence[int], show_progress: bool) -> dict[str, Any]:
     """One run: train the main MIND, K=1 and every variant on one split with one seed; evaluate."""
     split = make_split(ds, kind, split_seed)
     tc = dataclasses.replace(config, split_seed=split_seed, split=kind, seed=train_seed)
@@ -209,7 +209,7 @@ def run_experiment(
     train_seeds: Sequence[int] | None = None,
     variants: Sequence[str] = (),
     grid: dict[str, list[Any]] | None = None,
-    knn_k: int = KNN_K,
+    knn_k: int | Sequence[int] = KNN_K,
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every run (split seed x training seed): train and evaluate every model; aggregate mean
