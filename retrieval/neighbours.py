@@ -53,10 +53,13 @@ def training_matrix(ds: Dataset, split: Split) -> torch.Tensor:
     return torch.sparse_coo_tensor(x.indices(), torch.ones_like(x.values()), x.shape, check_invariants=False).coalesce()
 
 
-def build_neighbours(ds: Dataset, split: Split, k: int = 100, block: int = 2048) -> ItemNeighbours:
+def build_neighbours(ds: Dataset, split: Split, k: int = 100, block: int = 1 << 24) -> ItemNeighbours:
     """The top-k cosine neighbours of each item over the split's training data (self excluded).
 
-    Ties are broken by the lower item index, so the table is deterministic."""
+    Item rows are taken in blocks whose co-occurrence entries number at most about `block`
+    (bounded by each item's reach: the summed lengths of its users), so a popular item's
+    dense row never meets thousands of others in memory. Ties are broken by the lower item
+    index, so the table is deterministic."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" and invariant-check notices
@@ -75,8 +78,16 @@ def _build_neighbours(ds: Dataset, split: Split, k: int, block: int) -> ItemNeig
     crow, col = xt.crow_indices(), xt.col_indices()
     ids = np.zeros((n1, k), dtype=np.int32)
     sims = np.zeros((n1, k), dtype=np.float32)
-    for s in range(1, n1, block):  # row 0 is padding
-        e = min(n1, s + block)
+    user_len = torch.sparse.sum(x, 1).to_dense()  # (U,) distinct items per user
+    reach = torch.mv(xt.to_sparse_coo(), user_len).numpy()  # (N+1,) bound on each row's entries
+    reach[0] = 0
+    cum = np.cumsum(np.minimum(reach, n1))
+    bounds = [1]
+    while bounds[-1] < n1:  # each block holds about `block` entries, at least one row
+        s = bounds[-1]
+        bounds.append(max(s + 1, int(np.searchsorted(cum, cum[s - 1] + block, side="right"))))
+    bounds[-1] = min(bounds[-1], n1)
+    for s, e in zip(bounds[:-1], bounds[1:]):  # row 0 is padding
         a, b = int(crow[s]), int(crow[e])
         if a == b:
             continue

@@ -44,7 +44,7 @@ def test_neighbour_table_is_the_brute_force_top_k(setup) -> None:
     deg = np.diag(co)
     sim = co / np.sqrt(np.maximum(np.outer(deg, deg), 1))
     np.fill_diagonal(sim, 0)
-    nb = build_neighbours(ds, split, k=7, block=16)  # several blocks
+    nb = build_neighbours(ds, split, k=7, block=500)  # many blocks of a few rows
     for i in (1, 5, 50, ds.n_items):
         order = np.lexsort((np.arange(len(sim)), -sim[i]))  # similarity desc, then index
         want = [j for j in order if sim[i, j] > 0][:7]
