@@ -26,7 +26,7 @@ standardised contribution put it there (relative to an average item): "mind", "p
 or "item_knn"; an item from MIND's channel also names its best interest.
 
 The weights (w, a) are chosen on validation users (`tune_channels`): w alone first (that
-is MIND with the prior), then a given w, then w again given a.
+is MIND with the prior), a alone (MIND with item-kNN), then a given w and w again given a.
 """
 
 from __future__ import annotations
@@ -311,6 +311,7 @@ def retrieve(
 @dataclass
 class Tuned:
     prior_only: ChannelWeights  # the best w with the kNN channel off: MIND with the prior
+    knn_only: ChannelWeights  # the best a with the prior off: MIND with item-kNN (the ablation)
     merged: ChannelWeights  # the best (w, a)
     objective: str  # what was maximised on validation users
     trials: list[dict[str, float]]  # every (prior, item_knn, figures) tried, in order
@@ -325,7 +326,8 @@ def _objective(rec: Recommendations, truth: list[np.ndarray], n: int) -> dict[st
 def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Index, channels: Channels,
                   n: int = 50, part: str = "validation") -> Tuned:
     """Choose the prior weight w and the kNN weight a on the split's validation users, by
-    Recall@n + NDCG@n (both matter): w alone, then a given w, then w again given a."""
+    Recall@n + NDCG@n (both matter): w alone, a alone (the ablations), then a given w, then
+    w again given a (the merged retriever: the best of all that was tried)."""
     users, ends, truth = held_out_users(ds, split, part)
     if len(users) == 0:
         raise RetrievalError(f"no {part} users with a ground truth to choose the channel weights on")
@@ -349,8 +351,10 @@ def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Inde
     prior_grid = [round(r * unit, 6) for r in PRIOR_GRID]
     w, _ = best_of([(x, 0.0) for x in prior_grid])
     prior_only = ChannelWeights(w, 0.0)
+    knn_only = ChannelWeights(0.0, best_of([(0.0, x) for x in KNN_GRID])[1])
     _, a = best_of([(w, x) for x in KNN_GRID])
     w, _ = best_of([(x, a) for x in prior_grid])
+    w, a = best_of([(w, a), (knn_only.prior, knn_only.item_knn)])
     log.info("channel weights on %d %s users: prior %.4g alone; prior %.4g + item-kNN %.3g (%s %.4f)",
              len(users), part, prior_only.prior, w, a, goal, seen[(w, a)])
-    return Tuned(prior_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)])
+    return Tuned(prior_only, knn_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)])

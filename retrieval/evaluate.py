@@ -83,7 +83,7 @@ def evaluate_models(
     """Metrics of every model on the held-out users of `part`, choices made on validation users.
 
     Models: MIND (best-score merge, and the share merge beside it), MIND with the item prior,
-    the merged retriever (MIND + item-kNN + popularity, retrieval/channels.py), MIND K=1 when
+    MIND with item-kNN (no prior; when the weights are chosen here), the merged retriever (MIND + item-kNN + popularity, retrieval/channels.py), MIND K=1 when
     given, item-kNN and popularity. `channels` come with an index built with them (their
     weights chosen on validation at build time); without, they are built from the training
     data here (one per neighbour-table size in `knn_k`; on the temporal split also with
@@ -132,6 +132,7 @@ def evaluate_models(
     else:
         channel_index = index
     with_prior = dataclasses.replace(channels, weights=ChannelWeights(channels.prior_only, 0.0))
+    with_knn = dataclasses.replace(channels, weights=tuned.knn_only) if tuned is not None else None
 
     hist = Histories.of(ds, users, ends)
     lengths = ends.astype(np.int64)
@@ -139,8 +140,10 @@ def evaluate_models(
         "mind": lambda: recommend(mind, ds, index, hist, deep, merge="best"),
         "mind_share_merge": lambda: recommend(mind, ds, index, hist, n, merge="share"),
         "mind_prior": lambda: retrieve(mind, ds, channel_index, hist, deep, channels=with_prior),
-        "retriever": lambda: retrieve(mind, ds, channel_index, hist, deep, channels=channels),
     }
+    if with_knn is not None:  # the ablation without the prior (weights of an index's channels: only the merged ones)
+        runs["mind_knn"] = lambda: retrieve(mind, ds, channel_index, hist, deep, channels=with_knn)
+    runs["retriever"] = lambda: retrieve(mind, ds, channel_index, hist, deep, channels=channels)
     if mind_k1 is not None:
         k1_index = exact_index(mind_k1)
         runs["mind_k1"] = lambda: recommend(mind_k1, ds, k1_index, hist, deep)

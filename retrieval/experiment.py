@@ -322,11 +322,12 @@ def _report(ds: Dataset, spec: DataSpec, split: str, seeds: Sequence[int], train
 # ---------------------------------------------------------------------------- tables
 
 TABLE_COLUMNS = ("recall@20", "ndcg@20", "recall@50", "hit_rate@50", "ndcg@50")
-BASE_ROWS = ("mind", "mind_share_merge", "mind_prior", "retriever", "mind_k1", "item_knn", "popularity")
+BASE_ROWS = ("mind", "mind_share_merge", "mind_prior", "mind_knn", "retriever", "mind_k1", "item_knn", "popularity")
 ROW_NAMES = {
     "mind": "MIND alone (best-score merge)",
     "mind_share_merge": "MIND alone, share merge",
     "mind_prior": "MIND + item prior",
+    "mind_knn": "MIND + item-kNN (no prior)",
     "retriever": "**merged retriever (default)**",
     "mind_k1": "MIND K=1 (same tuning budget)",
     "item_knn": "item-kNN",

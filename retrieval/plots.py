@@ -81,7 +81,10 @@ def plot_training(histories: Mapping[str, Sequence[Mapping[str, float]]], path: 
         right.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", markersize=3, label=name)
     left.set_title("training loss", fontsize=10)
     right.set_title(f"validation Recall@{n}", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -15,7 +15,7 @@ from data.synthetic import SyntheticConfig, generate
 
 USER = "u00003"
 ITEM_ID = re.compile(r"^i\d{5}$")
-MODELS = ("mind", "mind_share_merge", "mind_prior", "retriever", "mind_k1", "item_knn", "popularity")
+MODELS = ("mind", "mind_share_merge", "mind_prior", "mind_knn", "retriever", "mind_k1", "item_knn", "popularity")
 
 
 
