@@ -57,7 +57,7 @@ CHANNELS = ("mind", "popularity", "item_knn")  # Recommendations.channel codes 0
 CHANNELS_FILE = "channels.npz"
 SAMPLE = 2048  # items whose MIND scores standardise a user's MIND term
 PRIOR_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)  # w in units of median std(u·v) / std(log f)
-KNN_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # a: kNN weight beside MIND's (both standardised)
+KNN_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # a: kNN weight beside MIND's (both standardised)
 ENTRY_CHUNK = 65536  # candidates scored against their user's interests at a time
 
 
