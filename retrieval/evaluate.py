@@ -32,6 +32,7 @@ from retrieval.diagnostics import by_history_length, interest_diagnostics, share
 from retrieval.recommend import interest_vectors, recommend
 from retrieval.samples import Histories
 
+REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
 CURVE_N = 200  # Recall@N is reported for N = 1..CURVE_N (the pictures)
 KNN_K = (50, 100, 200)  # neighbours per item in the merged retriever's item-kNN table: tried, chosen on validation
@@ -215,7 +216,7 @@ def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | Non
         max_len=bundle.config["model"]["max_len"], channels=channels,
     )
     return {
-        "kind": "retrieval-report",
+        "kind": REPORT_KIND,
         "dataset": bundle.config["data"]["interactions"],
         "data_fingerprint": bundle.manifest["data_fingerprint"],
         "split_seed": bundle.split.seed,

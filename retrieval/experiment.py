@@ -39,6 +39,7 @@ from retrieval.train import TrainConfig, TrainResult, model_config_for, train
 
 log = logging.getLogger(__name__)
 
+KIND = "retrieval-experiment"  # the "kind" of the JSON report `retrieve experiment --out` writes
 USER_SEEDS = (2026, 2027, 2028, 2029, 2030)  # the protocol's five user splits
 TIME_TRAIN_SEEDS = (0, 1, 2, 3, 4)  # the temporal split: one split, five training seeds
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"split", "split_seed"}
@@ -288,7 +289,7 @@ def _report(ds: Dataset, spec: DataSpec, split: str, seeds: Sequence[int], train
     curves = {name: [round(float(x), 6) for x in np.mean([r["recall_curve"][name] for r in per_run], axis=0)]
               for name in first["recall_curve"]}
     return {
-        "kind": "retrieval-experiment",
+        "kind": KIND,
         "complete": len(per_run) == len(runs),
         "dataset": str(spec.interactions),
         "data_fingerprint": ds.fingerprint,
