@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from retrieval.artifacts import (
+    MANIFEST,
     MANIFEST_CHECKSUM,
     atomic_dir,
     file_fingerprint,

@@ -336,28 +336,36 @@ ROW_NAMES = {
 }
 
 
-def _fmt(cell: Any, digits: int = 3) -> str:
+def _fmt(cell: Any, digits: int = 3, spread: bool = True) -> str:
     if isinstance(cell, dict):
-        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" if spread else f"{cell['mean']:.{digits}f}"
     return "-" if cell is None else f"{cell:.{digits}f}"
 
 
 def format_markdown(report: dict[str, Any]) -> str:
     """The README tables of an experiment report: every model, the gain of the merged retriever,
-    diagnostics, figures by history length and training throughput."""
+    diagnostics, figures by history length and training throughput (mean ± std over runs;
+    the mean alone for a single run)."""
+    spread = report["runs"] > 1
+
+    def fmt(cell: Any, digits: int = 3) -> str:
+        return _fmt(cell, digits, spread)
+
     runs = (f"split seeds {', '.join(map(str, report['split_seeds']))}" if len(report["split_seeds"]) > 1
             else f"split seed {report['split_seeds'][0]}")
     if len(report["train_seeds"]) > 1:
         runs += f", training seeds {', '.join(map(str, report['train_seeds']))}"
+    over = "mean ± std over runs" if spread else "one run"
     lines = [f"{report['dataset']}, {report['split']} split, {runs} ({report['runs']} runs), {report['part']} users, "
-             f"K={report['K']} L={report['L']} D={report['dim']}; mean ± std over runs; wall {report['wall_time_s']:.0f} s",
+             f"K={report['K']} L={report['L']} D={report['dim']}; {over}; wall {report['wall_time_s']:.0f} s"
+             + ("" if report.get("complete", True) else " (incomplete: the later runs did not finish)"),
              "", "| model | " + " | ".join(c.replace("hit_rate", "HitRate").replace("recall", "Recall")
                                            .replace("ndcg", "NDCG") for c in TABLE_COLUMNS) + " |",
              "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     models = report["models"]
     for name, row in models.items():
         label = ROW_NAMES.get(name, f"variant `{name}`")
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c)) for c in TABLE_COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(row.get(c)) for c in TABLE_COLUMNS) + " |")
     if all(k in models for k in ("retriever", "mind", "item_knn")):
         lines.append("")
         for m in ("recall@50", "ndcg@50"):
@@ -371,22 +379,22 @@ def format_markdown(report: dict[str, Any]) -> str:
                   "(capsules > 0.9 on one behaviour) | mean active interests |", "|---|---|---|---|"]
         for name, d in diag.items():
             if "interest_collapse" in d:
-                lines.append(f"| {ROW_NAMES.get(name, name)} | {_fmt(d['interest_collapse'])} | "
-                             f"{_fmt(d['routing_concentration'])} | {_fmt(d['mean_active_interests'], 2)} |")
+                lines.append(f"| {ROW_NAMES.get(name, name)} | {fmt(d['interest_collapse'])} | "
+                             f"{fmt(d['routing_concentration'])} | {fmt(d['mean_active_interests'], 2)} |")
         if "retriever" in diag:
             share = diag["retriever"]["per_channel"]
             lines.append("")
             lines.append("- merged retriever, share of top-50 slots / of hits per channel: " + "; ".join(
-                f"{c} {_fmt(v['slots'], 2)} / {_fmt(v['hits'], 2)}" for c, v in share.items()))
+                f"{c} {fmt(v['slots'], 2)} / {fmt(v['hits'], 2)}" for c, v in share.items()))
     by_len = report.get("by_history_length", {})
     if by_len:
         buckets = list(next(iter(by_len.values())))
         lines += ["", "| Recall@50 / NDCG@50 by history length | " + " | ".join(
-            f"{b} ({_fmt(next(iter(by_len.values()))[b]['users'], 0)} users)" for b in buckets) + " |",
+            f"{b} ({next(iter(by_len.values()))[b]['users']['mean']:.0f} users)" for b in buckets) + " |",
                   "|---" * (len(buckets) + 1) + "|"]
         for name in [n for n in ("mind", "mind_k1", "item_knn", "retriever") if n in by_len] + \
                 [n for n in by_len if n not in BASE_ROWS]:
-            cells = [f"{_fmt(by_len[name][b].get('recall@50'))} / {_fmt(by_len[name][b].get('ndcg@50'))}"
+            cells = [f"{fmt(by_len[name][b].get('recall@50'))} / {fmt(by_len[name][b].get('ndcg@50'))}"
                      for b in buckets]
             lines.append(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     training = report.get("training", {})
@@ -394,7 +402,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ["", "| training | samples/s | best epoch | epochs run | seconds | validation Recall@50 |",
                   "|---|---|---|---|---|---|"]
         for name, t in training.items():
-            lines.append(f"| {ROW_NAMES.get(name, name)} | {_fmt(t['train_samples_per_s'], 0)} | "
-                         f"{_fmt(t['best_epoch'], 1)} | {_fmt(t['epochs_run'], 1)} | {_fmt(t['train_seconds'], 0)} | "
-                         f"{_fmt(t['val_recall@50'])} |")
+            lines.append(f"| {ROW_NAMES.get(name, name)} | {fmt(t['train_samples_per_s'], 0)} | "
+                         f"{fmt(t['best_epoch'], 1)} | {fmt(t['epochs_run'], 1)} | {fmt(t['train_seconds'], 0)} | "
+                         f"{fmt(t['val_recall@50'])} |")
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from retrieval.diagnostics import (by_history_length, interest_collapse, interes
 from retrieval.errors import RetrievalError
 from retrieval.experiment import _aggregate, parse_grid, parse_settings, parse_variant, split_settings
 from retrieval.mind import Interests
-from tests.conftest import assert_clean_error
+import cli
+from retrieval.data import SPLITS, SplitKind
+from tests.conftest import assert_clean_error, assert_usage_error
 
 # ---------------------------------------------------------------------------- diagnostics
 
@@ -160,8 +163,11 @@ def test_cli_split_options(invoke, bundle_k4, small_data, tmp_path: Path) -> Non
     assert_clean_error(invoke("evaluate", "--bundle", bundle_k4, "--split", "time"),
                        f"{bundle_k4}: the bundle was trained on the user split, not the time split "
                        "(train it with --split time)")
-    assert_clean_error(invoke("train", "--interactions", small_data["interactions"], "--out", tmp_path / "b",
-                              "--split", "later"), "--split must be user or time, got 'later'")
+    bad_split = invoke("train", "--interactions", small_data["interactions"], "--out", tmp_path / "b",
+                       "--split", "later")  # a typer choice: typer's own usage error
+    assert_usage_error(bad_split, "--split", "'later' is not one of 'user', 'time'")
+    assert not (tmp_path / "b").exists()
+    assert get_args(get_args(cli.SplitKind)[0]) == get_args(SplitKind) == SPLITS  # the choice mirrors the library
     bad = invoke("experiment", "--interactions", small_data["interactions"], "--out", tmp_path / "e.json",
                  "--variants", "mind:bogus=1")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: unknown setting 'bogus' for retriever 'routing'")

@@ -10,8 +10,7 @@ import polars as pl
 import pytest
 
 from retrieval.baselines import item_knn, popularity
-from retrieval.data import DataSpec, held_out_users, item_counts, load_dataset, make_split, split_time, split_users, \
-    training_counts
+from retrieval.data import DataSpec, held_out_users, item_counts, load_dataset, make_split, split_time, training_counts
 from retrieval.errors import DataError
 
 # user, item, time. Times 1..10: the 0.8 quantile of the 12 timestamps below is 8.8, so
@@ -57,9 +56,10 @@ def test_training_counts_read_only_the_training_period(ds) -> None:
     split = split_time(ds, seed=2026)
     counts = dict(zip(ds.item_ids[1:].astype(int).tolist(), training_counts(ds, split)[1:].tolist()))
     assert counts == {10: 2, 11: 3, 12: 1, 13: 1, 14: 0, 15: 0, 16: 0}
-    # the user split's train users give their whole sequence: the plain count
-    us = split_users(ds, 2026)
-    assert training_counts(ds, us).tolist() == item_counts(ds, us.train_users).tolist()
+    # whole sequences (the user split's train users): the plain count
+    users = np.arange(ds.n_users)
+    assert item_counts(ds, users, ds.lengths()).tolist() == item_counts(ds, users).tolist()
+    assert item_counts(ds, users, split.history_len).tolist() == training_counts(ds, split).tolist()
 
 
 def test_baselines_use_the_training_period_only(ds) -> None:
@@ -80,7 +80,7 @@ def test_baselines_use_the_training_period_only(ds) -> None:
 
 
 def test_make_split_names_the_split(ds) -> None:
-    assert make_split(ds, "user", 2027).kind == "user" and make_split(ds, "user", 2027).seed == 2027
+    assert make_split(ds, "time", 2027).kind == "time" and make_split(ds, "time", 2027).seed == 2027
     with pytest.raises(DataError) as info:
         make_split(ds, "random", 2026)
     assert str(info.value) == "unknown split 'random'; use one of user, time"
