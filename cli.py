@@ -578,12 +578,14 @@ def experiment(
                                       parse_grid, parse_settings, parse_variant, run_experiment)
     from retrieval.train import TrainConfig
 
-    seed_list = _seed_list(seeds) if seeds else list(USER_SEEDS) if split == "user" else [2026]
+    seed_list = _seed_list(seeds) if seeds is not None else list(USER_SEEDS) if split == "user" else [2026]
     try:
-        train_seed_list = ([int(s) for s in train_seeds.split(",") if s.strip()] if train_seeds else
+        train_seed_list = ([int(s) for s in train_seeds.split(",") if s.strip()] if train_seeds is not None else
                            [seed] if split == "user" else list(TIME_TRAIN_SEEDS))
     except ValueError:
         _fail(f"--train-seeds must be comma-separated integers, got {train_seeds!r}")
+    if not train_seed_list or min(train_seed_list) < 0 or len(set(train_seed_list)) < len(train_seed_list):
+        _fail(f"--train-seeds must be distinct non-negative integers, at least one, got {train_seeds!r}")
     try:
         knn_sizes = [int(k) for k in knn_k.split(",") if k.strip()]
         if not knn_sizes or min(knn_sizes) < 1:
