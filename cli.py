@@ -162,6 +162,7 @@ Patience = Annotated[int, typer.Option(min=1, help="Early-stopping patience in e
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Training seed.")]
 SplitSeed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="The protocol's user-split seed.")]
 Seeds = Annotated[str, typer.Option(help="Comma-separated split seeds.")]
+SplitKind = Annotated[Literal["user", "time"], typer.Option("--split", help="user (the protocol's split by user) or time (train on everything before the 0.8 quantile of timestamps, evaluate after it).")]
 Merge = Annotated[Literal["best", "share"], typer.Option(help="Merge of the interests' results: best (each item's best score) or share (slots per interest).")]
 Part = Annotated[Literal["test", "validation"], typer.Option(help="Held-out users: test or validation.")]
 RankerModel = Annotated[Literal["base", "din", "dmin", "dien", "dsin"], typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")]
@@ -226,23 +227,25 @@ def train(
     patience: Patience = 3,
     seed: Seed = 0,
     split_seed: SplitSeed = 2026,
+    split: SplitKind = "user",
     merge: Merge = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
     force: Force = False,
 ) -> None:
-    """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
+    """Train MIND on the log's training data; write a model bundle (best validation Recall@50)."""
     from retrieval.bundle import KIND
-    from retrieval.data import load_dataset, split_users
+    from retrieval.data import load_dataset, make_split
     from retrieval.train import TrainConfig, model_config_for, train as run_train
 
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
     _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
-    split = split_users(ds, split_seed)
+    split_kind, split = split, make_split(ds, split, split_seed)
     cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
                            pow=pow, attention="hard" if hard_attention else "power", seed=seed)
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps)
+                     patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
+                     max_steps=max_steps)
     result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
     typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
                f"{result.samples_per_s:,.0f} samples/s")
@@ -257,6 +260,8 @@ def build_index_cmd(
     target_recall: Annotated[Optional[float], typer.Option(help="Raise nprobe (IVF) or efSearch (HNSW) until the served top-N of sampled validation users reaches this recall against exact search; the choice is recorded in the manifest and used by query. An index without such a parameter (Flat, PQ) is measured once and must reach it as it is.")] = None,
     tune_users: Annotated[int, typer.Option(min=1, help="Validation users sampled for --target-recall.")] = 1000,
     tune_n: Annotated[int, typer.Option(min=1, help="N of the recall@N that --target-recall measures.")] = 50,
+    channels: Annotated[bool, typer.Option("--channels/--no-channels", help="The merged retriever: MIND's interests, item-kNN over the history and an item-popularity prior, weights chosen on validation users and stored with the index (query and evaluate then use it).")] = False,
+    knn_k: Annotated[int, typer.Option(min=1, help="With --channels: neighbours kept per item in the item-kNN table.")] = 100,
     force: Force = False,
 ) -> None:
     """Embed every item with the trained model and write a FAISS inner-product index."""
@@ -269,14 +274,32 @@ def build_index_cmd(
     _claim(out, KIND, (bundle,), force)
     b = load_bundle(bundle)
     vectors = b.model.item_vectors().detach().numpy()
+    files, ch = None, None
+    if channels:
+        from retrieval.channels import build_channels, channel_files, prior_vectors
+
+        ch = build_channels(b.dataset, b.split, k=knn_k, max_len=b.config["model"]["max_len"])
+        vectors = prior_vectors(vectors, ch)  # (N, D+1): the prior coordinate
     index = build_index(vectors, factory)
     manifest = {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)}
     tuning = None
     if target_recall is not None:
         tuning = tune_on_validation(index, b, vectors, target_recall, n=tune_n, max_users=tune_users)
         manifest.update(tuning.manifest())
-    save_index(index, out, manifest)
+    if ch is not None:
+        from retrieval.channels import tune_channels
+
+        tuned = tune_channels(b.model, b.dataset, b.split, index, ch, n=tune_n)
+        ch.weights, ch.prior_only = tuned.merged, tuned.prior_only.prior
+        manifest["channels"] = {**ch.settings(), "objective": tuned.objective, "validation_users": tuned.users,
+                                "validation_trials": tuned.trials}
+        files = channel_files(ch)
+    save_index(index, out, manifest, files=files)
     typer.echo(f"index: {out}  {factory}  {index.ntotal} items  d={index.d}")
+    if ch is not None:
+        at = [t for t in tuned.trials if (t["prior"], t["item_knn"]) == (ch.weights.prior, ch.weights.item_knn)][0]
+        typer.echo(f"channels: prior weight {ch.weights.prior:.4g}, item-kNN weight {ch.weights.item_knn:.3g} "
+                   f"(k={knn_k}), chosen on {tuned.users} validation users: recall@{tune_n} {at[f'recall@{tune_n}']:.4f}")
     if tuning is not None:
         setting = f"{tuning.search_param}={tuning.search_value}" if tuning.search_param else "no search parameter"
         typer.echo(f"tuned: {setting}  recall@{tuning.n} {tuning.recall:.4f} against exact search on "
@@ -321,7 +344,7 @@ def query(
 
     from index.faiss_index import load_index
     from retrieval.bundle import load_bundle
-    from retrieval.recommend import recommend
+    from retrieval.channels import CHANNELS, load_channels, retrieve
     from retrieval.samples import Histories
 
     clock.lap("imports")
@@ -331,14 +354,17 @@ def query(
         _fail(f"-n {n} is more than --candidates {candidates}: the ranker reorders only the candidates retrieved")
     b = load_bundle(bundle)
     clock.lap("load_bundle")
-    idx, _ = load_index(index, b.fingerprint)
+    idx, index_manifest = load_index(index, b.fingerprint)
+    channels = load_channels(index, index_manifest)  # None: MIND alone
+    if channels is not None and merge != "best":
+        _fail("--merge share applies to MIND alone; this index holds the merged retriever (built with --channels)")
     clock.lap("load_index")
     raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
     ds = b.dataset
     uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
     ends = ds.lengths()[uidx]
     hist = Histories.of(ds, uidx, ends)
-    rec = recommend(b.model, ds, idx, hist, candidates if rank else n, merge=merge)
+    rec = retrieve(b.model, ds, idx, hist, candidates if rank else n, merge=merge, channels=channels)
     clock.lap("search")
     rank_scores = None
     if rank is not None:
@@ -349,6 +375,8 @@ def query(
         order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
         order = order[:, :n]
         rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
+        if rec.channel is not None:
+            rec.channel = np.take_along_axis(rec.channel, order, 1)
         rank_scores = logits[:, :n]
         clock.lap("rank")
     results = []
@@ -358,6 +386,8 @@ def query(
             if i == 0:
                 break
             row = {"rank": rank_pos, "item": str(ds.item_ids[i]), "score": round(float(s), 6), "interest": int(k)}
+            if rec.channel is not None:
+                row["channel"] = CHANNELS[int(rec.channel[r, rank_pos - 1])]
             if rank_scores is not None:
                 row["rank_score"] = round(float(rank_scores[r, rank_pos - 1]), 6)
             if ds.titles is not None:
@@ -377,12 +407,14 @@ def _print_results(results: list[dict[str, Any]], ranked: bool) -> None:
     """The query results as one table per user."""
     for res in results:
         typer.echo(f"user {res['user']}  ({res['history']} behaviours)")
+        merged = any("channel" in row for row in res["items"])
         typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  " + (f"{'rank_score':>10}  " if ranked else "")
-                   + f"{'interest':>8}  title")
+                   + f"{'interest':>8}  " + (f"{'channel':<10}  " if merged else "") + "title")
         for row in res["items"]:
             extra = f"{row['rank_score']:>10.4f}  " if ranked else ""
+            channel = f"{row['channel']:<10}  " if merged else ""
             typer.echo(f"{row['rank']:>4}  {row['item']:<12} {row['score']:>9.4f}  {extra}{row['interest']:>8}  "
-                       f"{row.get('title', '')}")
+                       f"{channel}{row.get('title', '')}")
 
 
 @app.command()
@@ -395,27 +427,41 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
     ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle: add AUC / GAUC and two-stage metrics.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates the ranker reorders.")] = 200,
+    split: Annotated[Optional[Literal["user", "time"]], typer.Option("--split", help="user or time: must be the split the bundle was trained on (recorded in it; the default).")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: Recall@N for N=1..200 of every model, and the training curves (needs the plot extra).")] = None,
     force: Force = False,
 ) -> None:
-    """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol).
+    """Recall / HitRate / NDCG @20 and @50 of MIND, the merged retriever and the baselines on
+    held-out users (the protocol), with the diagnostics of MIND's interests.
 
     With --ranker, also the ranker's standalone AUC and GAUC and the two-stage
     (retrieve M, rerank) metrics beside the retrieval order on the same users."""
     from index.faiss_index import load_index
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
-    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, format_table
+    from retrieval.channels import load_channels
+    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, format_diagnostics, format_table
 
+    if plots is not None:
+        from retrieval.plots import require_matplotlib
+
+        require_matplotlib()
     if out:
         _claim(out, REPORT_KIND, (bundle, index, k1_bundle, ranker), force)
     b = load_bundle(bundle)
-    idx = load_index(index, b.fingerprint)[0] if index else None
+    if split is not None and split != b.split.kind:
+        _fail(f"{bundle}: the bundle was trained on the {b.split.kind} split, not the {split} split "
+              f"(train it with --split {split})")
+    idx, channels = None, None
+    if index:
+        idx, index_manifest = load_index(index, b.fingerprint)
+        channels = load_channels(index, index_manifest)
     k1 = load_bundle(k1_bundle) if k1_bundle else None
     if ranker is not None:  # a bad ranker fails before the retrieval evaluation, not after it
         from retrieval.ranking.bundle import load_ranker
 
         rb = load_ranker(ranker, b)
-    report = evaluate_bundles(b, idx, k1, part)
+    report = evaluate_bundles(b, idx, k1, part, channels=channels)
     if ranker is not None:
         from index.faiss_index import build_index
         from retrieval.ranking.evaluate import evaluate_ranker
@@ -423,18 +469,29 @@ def evaluate(
         index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
         report["ranker"] = {"model": rb.name, "bundle": str(ranker),
                             **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
+    if plots is not None:
+        from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
+
+        histories = {"mind": b.manifest.get("history", []), **({"mind_k1": k1.manifest.get("history", [])} if k1 else {})}
+        report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
+                                                  f"{Path(report['dataset']).parent.name}, {report['split']} split, "
+                                                  f"seed {report['split_seed']}, {part} users")),
+                           str(plot_training({k: v for k, v in histories.items() if v}, plots / TRAINING_PNG))]
     if out:
         atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  split seed {report['split_seed']}  {part} users {report['users']}  "
-               f"K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
+    typer.echo(f"{report['dataset']}  {report['split']} split, seed {report['split_seed']}  {part} users "
+               f"{report['users']}  K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
                f"{report['merge_chosen_on_validation']}")
     typer.echo(format_table(report))
+    typer.echo(format_diagnostics(report))
     if "ranker" in report:
         r = report["ranker"]
         typer.echo(f"ranker {r['model']}: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}  "
                    f"({r['candidates_per_s']:,.0f} candidates/s)")
         for stage in ("retrieval_only", "two_stage"):
             typer.echo(f"  {stage:<15}" + "  ".join(f"{k} {v:.4f}" for k, v in r[stage].items()))
+    for p in report.get("plots", []):
+        typer.echo(f"plot: {p}")
     if out:
         typer.echo(f"report: {out}")
 
@@ -482,7 +539,7 @@ def train_ranker_cmd(
 @clean_errors
 def experiment(
     interactions: Interactions,
-    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    out: Annotated[Path, typer.Option(help="JSON report to write (the README tables go beside it as .md).")],
     items: Items = None,
     users: Users = None,
     user_col: UserCol = "user_id",
@@ -490,7 +547,9 @@ def experiment(
     time_col: TimeCol = "timestamp",
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
-    seeds: Seeds = "2026,2027,2028,2029,2030",
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated split seeds (default: 2026-2030 on the user split, 2026 on the temporal split).")] = None,
+    split: SplitKind = "user",
+    train_seeds: Annotated[Optional[str], typer.Option(help="Comma-separated training seeds, each run on every split seed (default: --seed on the user split, 0-4 on the temporal split).")] = None,
     interests: Interests = 4,
     dim: Dim = 64,
     max_len: MaxLen = 50,
@@ -503,29 +562,78 @@ def experiment(
     neg_alpha: NegAlpha = 1.0,
     patience: Patience = 3,
     seed: Seed = 0,
+    settings: Annotated[Optional[str], typer.Option(help="More settings of the main MIND, key=value;key=value (any model-config or training field).")] = None,
+    variants: Annotated[Optional[str], typer.Option(help="Comma-separated variants of the main MIND, each name:key=value;key=value (name: mind, or a registered retriever), e.g. one per remedy switched off.")] = None,
+    tune: Annotated[Optional[str], typer.Option(help="Grid tried for the main MIND and for K=1 alike (the same budget), best validation Recall@50 kept: key=v1,v2;key=v1,v2.")] = None,
+    knn_k: Annotated[str, typer.Option(help="Neighbours per item in the merged retriever's item-kNN table: comma-separated sizes, the best on validation users kept.")] = "50,100,200",
+    plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: mean Recall@N for N=1..200 of every model, and every run's training curves (needs the plot extra).")] = None,
     force: Force = False,
 ) -> None:
-    """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
-    from retrieval.artifacts import atomic_write_json
+    """MIND, its variants, K=1 (same tuning budget), the merged retriever, item-kNN and popularity
+    over several runs: mean ± std, diagnostics, figures by history length."""
+    from retrieval.artifacts import atomic_write_bytes, atomic_write_json
     from retrieval.data import load_dataset
     from retrieval.evaluate import format_table
-    from retrieval.experiment import KIND, run_experiment
+    from retrieval.experiment import (KIND, TIME_TRAIN_SEEDS, USER_SEEDS, check_settings, format_markdown,
+                                      parse_grid, parse_settings, parse_variant, run_experiment)
     from retrieval.train import TrainConfig
 
-    seed_list = _seed_list(seeds)
+    seed_list = _seed_list(seeds) if seeds is not None else list(USER_SEEDS) if split == "user" else [2026]
+    try:
+        train_seed_list = ([int(s) for s in train_seeds.split(",") if s.strip()] if train_seeds is not None else
+                           [seed] if split == "user" else list(TIME_TRAIN_SEEDS))
+    except ValueError:
+        _fail(f"--train-seeds must be comma-separated integers, got {train_seeds!r}")
+    if not train_seed_list or min(train_seed_list) < 0 or len(set(train_seed_list)) < len(train_seed_list):
+        _fail(f"--train-seeds must be distinct non-negative integers, at least one, got {train_seeds!r}")
+    try:
+        knn_sizes = [int(k) for k in knn_k.split(",") if k.strip()]
+        if not knn_sizes or min(knn_sizes) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
+    model_settings: dict[str, Any] = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
+                                      "attention": "hard" if hard_attention else "power", "seed": seed}
+    try:
+        model_settings.update(parse_settings(settings or "", "--settings entry"))
+        variant_list = [v.strip() for v in (variants or "").split(",") if v.strip()]
+        grid = parse_grid(tune or "")
+        check_settings(model_settings, [parse_variant(v) for v in variant_list], grid)
+    except ValueError as err:
+        _fail(str(err))
+    if plots is not None:
+        from retrieval.plots import require_matplotlib
+
+        require_matplotlib()
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
     _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
-    settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
-                "attention": "hard" if hard_attention else "power", "seed": seed}
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed)
-    report = run_experiment(ds, spec, seed_list, settings, tc)
-    atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
-               f"wall {report['wall_time_s']:.0f}s")
+                     patience=patience, seed=seed, split=split)
+    md = out.with_suffix(".md")
+
+    def write(partial: dict[str, Any]) -> None:
+        atomic_write_json(out, partial)
+        atomic_write_bytes(md, format_markdown(partial).encode())
+
+    report = run_experiment(ds, spec, seed_list, model_settings, tc, split=split, train_seeds=train_seed_list,
+                            variants=variant_list, grid=grid, knn_k=knn_sizes, on_run=write)
+    if plots is not None:
+        from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
+
+        histories = {f"{name} ({r['split_seed']}/{r['train_seed']})": t["history"]
+                     for r in report["per_run"] for name, t in r["training"].items()}
+        report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
+                                                  f"{Path(report['dataset']).parent.name}, {split} split, mean of "
+                                                  f"{report['runs']} runs, test users")),
+                           str(plot_training(histories, plots / TRAINING_PNG))]
+    write(report)
+    typer.echo(f"{report['dataset']}  {split} split  seeds {seed_list}  training seeds {train_seed_list}  "
+               f"K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s")
     typer.echo(format_table(report))
-    typer.echo(f"report: {out}")
+    for p in report.get("plots", []):
+        typer.echo(f"plot: {p}")
+    typer.echo(f"report: {out}  tables: {md}")
 
 
 @app.command("experiment-rankers")

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.faiss_index import search_top_n
+from index.faiss_index import pad_queries, search_top_n
 from retrieval.data import Dataset
 from retrieval.mind import Interests
 from retrieval.retrievers import Retriever
@@ -31,7 +31,9 @@ Merge = Literal["best", "share"]
 class Recommendations:
     items: np.ndarray  # (U, n) item indices 1..N, 0 where fewer than n
     scores: np.ndarray  # (U, n) float32 inner products, -inf where fewer
-    interest: np.ndarray  # (U, n) which interest retrieved the item, -1 where fewer
+    interest: np.ndarray  # (U, n) which interest retrieved the item, -1 where fewer (or another channel's)
+    channel: np.ndarray | None = None  # (U, n) the channel that put the item there (retrieval.channels.CHANNELS
+    # codes), -1 where fewer; None from MIND alone
 
 
 @torch.inference_mode()
@@ -65,8 +67,8 @@ def recommend(
     out_i, out_s, out_k = [], [], []
     for h in hist.batches(batch_size):
         it = interest_vectors(model, ds, h)
-        ids, scores, which = search_top_n(
-            index, it.vectors.numpy(), it.active.numpy(), n, exclude=history_rows(h), strategy=merge,
+        ids, scores, which = search_top_n(  # an index with a prior coordinate (channels) is searched without it
+            index, pad_queries(it.vectors.numpy(), index.d), it.active.numpy(), n, exclude=history_rows(h), strategy=merge,
             weights=it.mass.numpy() if merge == "share" else None,
         )  # (B, n) each
         out_i.append(np.where(ids >= 0, ids + 1, 0))

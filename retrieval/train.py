@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from retrieval.bundle import config_dict, save_bundle
-from retrieval.data import Dataset, DataSpec, Split, item_counts
+from retrieval.data import Dataset, DataSpec, Split, training_counts
 from retrieval.errors import ConfigError, DataError, TrainingError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import Batch, log_expected_counts
 from retrieval.retrievers import DEFAULT, Retriever, build_retriever, retriever_classes, retriever_name
 from retrieval.progress import progress_bar
-from retrieval.recommend import Merge, recommend
+from retrieval.diagnostics import interest_collapse, routing_concentration
+from retrieval.recommend import Merge, interest_vectors, recommend
 from retrieval.samples import Histories, make_batch, training_positions
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class TrainConfig:
     neg_alpha: float = 1.0  # negatives drawn with q ∝ (train frequency + 1)^alpha; 0 = uniform (1.0: best on validation)
     patience: int = 3  # stop after this many epochs without a better validation Recall@N
     seed: int = 0  # seeds initialisation, shuffling, negatives and routing draws
-    split_seed: int = 2026  # the protocol's user split seed
+    split_seed: int = 2026  # the protocol's split seed
+    split: str = "user"  # "user" (by user, the default) or "time" (the protocol's temporal split)
     eval_n: int = 50  # N of the validation Recall@N that early stopping follows
     merge: str = "best"  # how interests' results are merged for validation and serving
     threads: int = 0  # torch threads; 0 = leave torch's default
@@ -151,9 +153,20 @@ def check_fits_in_memory(model_config: Any) -> None:
 
 def validation_recall(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
     """Mean Recall@n of validation users, through the serving path on an exact index."""
+    return validation_figures(model, ds, split, n, merge)[f"recall@{n}"]
+
+
+def validation_figures(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> dict[str, float]:
+    """Validation users' Recall@n and NDCG@n through the serving path on an exact index, and
+    the interests' diagnostics: collapse (mean pairwise cosine) and routing concentration."""
     users, ends, truth = held_out_users(ds, split, "validation")
-    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, ends), n, merge=merge)
-    return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))[f"recall@{n}"]
+    hist = Histories.of(ds, users, ends)
+    rec = recommend(model, ds, exact_index(model), hist, n, merge=merge)
+    figures = mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, ns=(n,)))
+    it = interest_vectors(model, ds, hist)
+    collapse, _ = interest_collapse(it.vectors.numpy(), it.active.numpy())
+    return {f"recall@{n}": figures[f"recall@{n}"], f"ndcg@{n}": figures[f"ndcg@{n}"], "interest_collapse": collapse,
+            "routing_concentration": routing_concentration(it.weights.numpy(), it.active.numpy())}
 
 
 class NegativeSampler:
@@ -261,7 +274,7 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> 
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
-    freq = torch.from_numpy(item_counts(ds, split.train_users))
+    freq = torch.from_numpy(training_counts(ds, split))  # the training data only (period, on the temporal split)
     q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
     sampler = NegativeSampler(q, config.negatives, config.seed)
     return Setup(model, _optimizers(model, config.lr), users, positions, sampler, log_q)
@@ -337,18 +350,23 @@ def train(
             break
         train_time = time.perf_counter() - t0
         total_samples, total_time = total_samples + len(order), total_time + train_time
-        recall = validation_recall(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
+        val = validation_figures(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
+        recall = val[f"recall@{config.eval_n}"]
         entry = {
             "epoch": epoch,
             "loss": loss,
             f"val_recall@{config.eval_n}": recall,
+            f"val_ndcg@{config.eval_n}": val[f"ndcg@{config.eval_n}"],
+            "val_interest_collapse": val["interest_collapse"],
+            "val_routing_concentration": val["routing_concentration"],
             "samples_per_s": len(order) / train_time,
             "seconds": train_time,
         }
         history.append(entry)
         log.info(
-            "epoch %d  loss %.4f  val recall@%d %.4f  %.0f samples/s  %.1fs",
-            epoch, entry["loss"], config.eval_n, recall, entry["samples_per_s"], train_time,
+            "epoch %d  loss %.4f  val recall@%d %.4f  ndcg %.4f  collapse %.3f  peaked %.3f  %.0f samples/s  %.1fs",
+            epoch, entry["loss"], config.eval_n, recall, val[f"ndcg@{config.eval_n}"], val["interest_collapse"],
+            val["routing_concentration"], entry["samples_per_s"], train_time,
         )
         if recall > best_recall:
             best_recall, best_epoch, stale = recall, epoch, 0
