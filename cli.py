@@ -6,15 +6,21 @@ line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from retrieval.device import Runtime
+    from retrieval.distributed import Group
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("retrieve")
@@ -75,6 +81,37 @@ def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
 Interactions = Annotated[Path, typer.Option(help="Interaction log (CSV or Parquet): user, item, timestamp.")]
 Items = Annotated[Optional[Path], typer.Option(help="Item side file: id, optional title, feature columns.")]
 Users = Annotated[Optional[Path], typer.Option(help="User-profile file: id and profile columns.")]
+# Where a command runs (retrieval.device); the training commands also take precision and compile.
+Device = Annotated[str, typer.Option(help="auto (cuda when PyTorch sees a GPU, else cpu), cpu or cuda.")]
+Precision = Annotated[str, typer.Option(help="fp32, or bf16: the training loss under bf16 autocast (weights and optimizer stay fp32).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training loss (pays off on GPUs; the first steps compile).")]
+# Checkpoints and resumption of the training commands (retrieval.checkpoint).
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint of an interrupted run with the same settings (a fresh start when there is none yet).")]
+CheckpointEvery = Annotated[int, typer.Option(min=0, help="Also checkpoint every this many steps inside an epoch (0 = at each epoch's end only).")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUT.ckpt beside the bundle; removed when the run ends).")]
+
+
+@contextlib.contextmanager
+def _runtime(device: str, precision: str = "fp32", compile: bool = False) -> Iterator[tuple["Runtime", "Group"]]:
+    """The command's device settings, inside the process group when torchrun started several
+    processes (gloo on CPU, NCCL on GPU); ranks other than 0 log warnings only."""
+    from retrieval.device import runtime_for
+    from retrieval.distributed import init_from_env, local_rank, shutdown
+
+    runtime = runtime_for(device, precision, compile, local_rank())
+    group = init_from_env(runtime.device)
+    if not group.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield runtime, group
+    finally:
+        shutdown()
+
+
+def _checkpointing(out: Path, checkpoint: Optional[Path], every: int, resume: bool) -> Any:
+    from retrieval.checkpoint import Checkpointing, default_path
+
+    return Checkpointing(checkpoint or default_path(out), every, resume)
 
 
 @app.command()
@@ -136,24 +173,38 @@ def train(
     split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
     merge: Annotated[str, typer.Option(help="Merge of interests for validation: best or share.")] = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads per process (0 = torch's default).")] = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = 0,
+    checkpoint: Checkpoint = None,
 ) -> None:
-    """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
+    """Train MIND on the log's training users; write a model bundle (best validation Recall@50).
+
+    Under torchrun (`torchrun --nproc_per_node=N -m cli train ...`) the processes train one
+    model data-parallel: --batch-size is the global batch, rank 0 validates and writes."""
     from retrieval.data import DataSpec, load_dataset, split_users
     from retrieval.train import TrainConfig, model_config_for, train as run_train
 
     if merge not in ("best", "share"):
         _fail(f"--merge must be best or share, got {merge!r}")
-    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
-                    item_features=_columns(item_features), user_features=_columns(user_features))
-    ds = load_dataset(spec)
-    split = split_users(ds, split_seed)
-    cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
-                           pow=pow, attention="hard" if hard_attention else "power", seed=seed)
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps)
-    result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
-    typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+    with _runtime(device, precision, compile) as (runtime, group):
+        spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
+                        item_features=_columns(item_features), user_features=_columns(user_features))
+        ds = load_dataset(spec)
+        split = split_users(ds, split_seed)
+        cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
+                               pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, split_seed=split_seed, merge=merge, threads=threads,
+                         max_steps=max_steps)
+        result = run_train(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime,
+                           checkpointing=_checkpointing(out, checkpoint, checkpoint_every, resume))
+        if group.main:
+            typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s" + (f"  ({group.world} processes)" if group.parallel else ""))
 
 
 @app.command("build-index")
@@ -211,6 +262,7 @@ def query(
     rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (seconds) as JSON on stderr.")] = False,
+    device: Device = "auto",
 ) -> None:
     """Top-N items for users, from all their known behaviours (items already seen excluded).
 
@@ -220,7 +272,9 @@ def query(
     import numpy as np
 
     from index.faiss_index import load_index
+    from index.torch_search import on_device
     from retrieval.bundle import load_bundle
+    from retrieval.device import runtime_for
     from retrieval.recommend import recommend
     from retrieval.samples import Histories
 
@@ -229,9 +283,12 @@ def query(
         _fail("give exactly one of --user or --users-file")
     if merge not in ("best", "share"):
         _fail(f"--merge must be best or share, got {merge!r}")
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
+    b.model.to(runtime.device)
     clock.lap("load_bundle")
     idx, _ = load_index(index, b.fingerprint)
+    idx = on_device(idx, runtime.device)  # a flat index searches exactly on the GPU
     clock.lap("load_index")
     raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
     ds = b.dataset
@@ -246,6 +303,7 @@ def query(
         from retrieval.ranking.scoring import rerank
 
         ranker = load_ranker(rank, b)
+        ranker.model.to(runtime.device)
         order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
         order = order[:, :n]
         rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
@@ -295,31 +353,39 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
     ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle: add AUC / GAUC and two-stage metrics.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates the ranker reorders.")] = 200,
+    device: Device = "auto",
 ) -> None:
     """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol).
 
     With --ranker, also the ranker's standalone AUC and GAUC and the two-stage
     (retrieve M, rerank) metrics beside the retrieval order on the same users."""
     from index.faiss_index import load_index
+    from index.torch_search import on_device
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
-    from retrieval.evaluate import evaluate_bundles, format_table
+    from retrieval.device import runtime_for
+    from retrieval.evaluate import evaluate_bundles, exact_index, format_table
 
     if part not in ("test", "validation"):
         _fail(f"--part must be test or validation, got {part!r}")
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
-    idx = load_index(index, b.fingerprint)[0] if index else None
+    b.model.to(runtime.device)  # without --index, exact search runs on the model's device
+    idx = on_device(load_index(index, b.fingerprint)[0], runtime.device) if index else None
     k1 = load_bundle(k1_bundle) if k1_bundle else None
+    if k1 is not None:
+        k1.model.to(runtime.device)
     if ranker is not None:  # a bad ranker fails before the retrieval evaluation, not after it
         from retrieval.ranking.bundle import load_ranker
 
         rb = load_ranker(ranker, b)
+        rb.model.to(runtime.device)
     report = evaluate_bundles(b, idx, k1, part)
+    report["device"] = runtime.describe()
     if ranker is not None:
-        from index.faiss_index import build_index
         from retrieval.ranking.evaluate import evaluate_ranker
 
-        index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
+        index_for_ranker = idx if idx is not None else exact_index(b.model)
         report["ranker"] = {"model": rb.name, "bundle": str(ranker),
                             **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
     if out:
@@ -354,8 +420,14 @@ def train_ranker_cmd(
     max_len: Annotated[int, typer.Option(min=1)] = 50,
     patience: Annotated[int, typer.Option(min=1)] = 2,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads per process (0 = torch's default).")] = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
-    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
+    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC.
+
+    Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import save_ranker
     from retrieval.ranking.models import NAMES
@@ -365,19 +437,25 @@ def train_ranker_cmd(
         _fail(f"--model must be one of {', '.join(NAMES)}, got {model!r}")
     if negative_source not in ("uniform", "retrieval"):
         _fail(f"--negative-source must be uniform or retrieval, got {negative_source!r}")
-    b = load_bundle(bundle)
-    cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
-                          negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
-                          dim=dim, max_len=max_len)
-    hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+    with _runtime(device, precision, compile) as (runtime, group):
+        b = load_bundle(bundle)
+        cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
+                              negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
+                              dim=dim, max_len=max_len, threads=threads)
+        if negative_source == "retrieval":
+            b.model.to(runtime.device)
+        hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+        extra = {"trained_on": {**runtime.describe(), "processes": group.world}}
 
-    def save(m, history):  # rewrite the best ranker so far, atomically
-        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
+        def save(m, history):  # rewrite the best ranker so far, atomically
+            save_ranker(out, m, model, cfg, b,
+                        extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history), **extra})
 
-    result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save)
-    save(result.model, result.history)
-    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+        result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save, runtime=runtime)
+        if group.main:
+            save(result.model, result.history)
+            typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()
@@ -405,8 +483,14 @@ def experiment(
     neg_alpha: Annotated[float, typer.Option()] = 1.0,
     patience: Annotated[int, typer.Option(min=1)] = 3,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads per process (0 = torch's default).")] = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
-    """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
+    """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std.
+
+    Under torchrun the processes train each model together; rank 0 evaluates and writes."""
     from retrieval.artifacts import atomic_write_json
     from retrieval.data import DataSpec, load_dataset
     from retrieval.evaluate import format_table
@@ -417,19 +501,21 @@ def experiment(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
-    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
-                    item_features=_columns(item_features), user_features=_columns(user_features))
-    ds = load_dataset(spec)
-    settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
-                "attention": "hard" if hard_attention else "power", "seed": seed}
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed)
-    report = run_experiment(ds, spec, seed_list, settings, tc)
-    atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
-               f"wall {report['wall_time_s']:.0f}s")
-    typer.echo(format_table(report))
-    typer.echo(f"report: {out}")
+    with _runtime(device, precision, compile) as (runtime, group):
+        spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
+                        item_features=_columns(item_features), user_features=_columns(user_features))
+        ds = load_dataset(spec)
+        settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
+                    "attention": "hard" if hard_attention else "power", "seed": seed}
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, threads=threads)
+        report = run_experiment(ds, spec, seed_list, settings, tc, runtime=runtime)
+        if group.main:
+            atomic_write_json(out, report)
+            typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
+                       f"wall {report['wall_time_s']:.0f}s")
+            typer.echo(format_table(report))
+            typer.echo(f"report: {out}")
 
 
 @app.command("experiment-rankers")
@@ -447,6 +533,9 @@ def experiment_rankers(
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
@@ -462,14 +551,17 @@ def experiment_rankers(
             parse_variant(v)
     except ValueError as err:
         _fail(str(err) if "ranker" in str(err) else f"--seeds must be comma-separated integers, got {seeds!r}")
-    spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
-    ds = load_dataset(spec)
-    report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
-                                   on_seed=lambda partial: atomic_write_json(out, partial))
-    atomic_write_json(out, report)
-    typer.echo(format_ranker_table(report))
-    typer.echo(f"report: {out}")
+    with _runtime(device, precision, compile) as (runtime, group):
+        spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
+        ds = load_dataset(spec)
+        report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
+                                       RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
+                                       on_seed=(lambda partial: atomic_write_json(out, partial)) if group.main else None,
+                                       runtime=runtime)
+        if group.main:
+            atomic_write_json(out, report)
+            typer.echo(format_ranker_table(report))
+            typer.echo(f"report: {out}")
 
 
 if __name__ == "__main__":

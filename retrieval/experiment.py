@@ -17,6 +17,8 @@ import numpy as np
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
+from retrieval.device import Runtime
+from retrieval.distributed import current, from_main
 from retrieval.evaluate import evaluate_models
 from retrieval.train import TrainConfig, model_config_for, train
 
@@ -36,19 +38,24 @@ def run_experiment(
     config: TrainConfig,
     part: str = "test",
     show_progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate every model on each split seed; aggregate mean and std per figure."""
+    """Train and evaluate every model on each split seed; aggregate mean and std per figure.
+    Under torchrun the processes train each model together and rank 0 evaluates."""
+    runtime, group = runtime or Runtime(), current()
     t0 = time.perf_counter()
     per_seed = []
     for seed in seeds:
         split = split_users(ds, seed)
         tc = dataclasses.replace(config, split_seed=seed)
         cfg = model_config_for(ds, **model_settings)
-        runs = {"mind": train(ds, split, cfg, tc, show_progress=show_progress)}
+        runs = {"mind": train(ds, split, cfg, tc, show_progress=show_progress, runtime=runtime)}
         if cfg.interests > 1:
-            runs["mind_k1"] = train(ds, split, dataclasses.replace(cfg, interests=1), tc, show_progress=show_progress)
+            runs["mind_k1"] = train(ds, split, dataclasses.replace(cfg, interests=1), tc, show_progress=show_progress,
+                                    runtime=runtime)
         k1 = runs["mind_k1"].model if "mind_k1" in runs else None
-        result = evaluate_models(ds, split, runs["mind"].model, None, k1, part, max_len=cfg.max_len)
+        result = from_main(lambda: evaluate_models(ds, split, runs["mind"].model, None, k1, part, max_len=cfg.max_len),
+                           group)
         result["split_seed"] = seed
         result["training"] = {
             name: {"best_epoch": r.best_epoch, "epochs_run": len(r.history), "val_recall@50": r.best_recall,
@@ -79,6 +86,7 @@ def run_experiment(
         "dim": model_settings.get("dim", 64),
         "model_settings": model_settings,
         "train_config": dataclasses.asdict(config),
+        "trained_on": {**runtime.describe(), "processes": group.world},
         "models": models,
         "training": training,
         "per_seed": per_seed,
