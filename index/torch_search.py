@@ -42,9 +42,9 @@ class TorchFlatIndex:
             raise ValueError(f"vectors must be a 2-D float array (N, d), got {xb.dim()}-D {xb.dtype}")
         if xb.shape[0] == 0:
             raise ValueError("cannot search 0 item vectors")
-        self.xb = xb.detach().to(device if device is not None else xb.device, torch.float32).contiguous()  # (N, d)
-        if not bool(torch.isfinite(self.xb).all()):
+        if not bool(torch.isfinite(xb).all()):
             raise ValueError("vectors hold NaN or infinite values")
+        self.xb = xb.detach().to(device if device is not None else xb.device, torch.float32).contiguous()  # (N, d)
         self.ntotal, self.d = self.xb.shape
         self.budget = budget
 

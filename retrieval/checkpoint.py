@@ -131,7 +131,7 @@ class Checkpointer:
             "torch_rng": ranks,
             "loop": loop,
             "best_state": None if best_state is None else {k: v.detach().cpu() for k, v in best_state.items()},
-            "versions": package_versions(),
+            "versions": {k: str(v) for k, v in package_versions().items()},  # plain str: loads with weights_only
         }
         buf = io.BytesIO()
         torch.save(state, buf)

@@ -154,7 +154,8 @@ class GradientSync:
                 continue
             if p.grad is None:  # this rank's share touched no row: an empty sparse gradient
                 p.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64, device=p.device),
-                                                 torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=p.device), p.shape)
+                                                 torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=p.device), p.shape,
+                                                 check_invariants=False)
             dist.all_reduce(p.grad)
         used = flat[-len(self.params):] > 0  # (params,) some rank had a gradient
         offset = 0
