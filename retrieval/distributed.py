@@ -10,10 +10,11 @@ the rows, and one all-reduce sums the weighted gradients. The sum is the gradien
 global batch's mean loss, so N processes take the step one process takes on the whole
 batch (within float rounding; the random routing logits of training are drawn per rank).
 
-Gloo (CPU) reduces MIND's row-sparse embedding gradients as sparse tensors; under NCCL
-(GPU) embedding gradients are dense (`Runtime.dense_gradients`). Dense gradients go in one
-flat buffer with the step's loss and a has-gradient flag per parameter, so one all-reduce
-per step also gives every rank the global loss (identical decisions on a NaN) and the
+Gloo (CPU) keeps MIND's row-sparse embedding gradients: a large table is reduced as a
+sparse tensor (cost follows the rows a step touches), a small one densely; under NCCL (GPU)
+embedding gradients are dense (`Runtime.dense_gradients`). Dense gradients go in one flat
+buffer with the step's loss and a has-gradient flag per parameter, so one all-reduce per
+step also gives every rank the global loss (identical decisions on a NaN) and the
 parameters that no rank touched keep no gradient, as in one process.
 
 Why not DistributedDataParallel: the retrievers train through `loss(batch, neg, log_q)`,
@@ -122,10 +123,21 @@ def share(n: int, group: Group) -> tuple[int, int]:
     return lo, lo + base + (group.rank < extra)
 
 
+DENSE_BELOW = 1 << 20  # elements: a row-sparse table at most this large (4 MiB) is reduced densely
+
+
 @dataclass
 class GradientSync:
     """After each rank's backward of (its share's mean loss x its share of the rows), makes every
-    rank's gradients the sum over ranks: the gradient of the global batch's mean loss."""
+    rank's gradients the sum over ranks: the gradient of the global batch's mean loss.
+
+    One all-reduce carries the dense gradients, the row-sparse gradients of tables up to
+    DENSE_BELOW elements (scattered into their table's shape, with a mask of the rows the
+    global batch touched, so the sparse gradient rebuilt after the sum has exactly the rows
+    one process would have had), the weighted loss and a has-gradient flag per parameter.
+    Larger tables (a big item vocabulary) are all-reduced as sparse tensors, each rank's
+    rows coalesced first: their cost follows the rows a step touches, not the vocabulary.
+    The choice depends only on table sizes, so every rank makes the same calls."""
 
     model: torch.nn.Module
     group: Group
@@ -138,32 +150,43 @@ class GradientSync:
         self.sparse = {
             id(p) for m in self.model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()
         }
+        self.dense = [p for p in self.params if id(p) not in self.sparse]
+        self.small = [p for p in self.params if id(p) in self.sparse and p.numel() <= DENSE_BELOW]
+        self.large = [p for p in self.params if id(p) in self.sparse and p.numel() > DENSE_BELOW]
 
     def __call__(self, weighted_loss: torch.Tensor) -> torch.Tensor:
         """All-reduce the gradients; returns the global batch's loss (sum of the ranks' weighted losses)."""
         t0 = time.perf_counter()
-        dense = [p for p in self.params if id(p) not in self.sparse]
         device = weighted_loss.device
         has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=device)
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
-                 for p in dense]
-        flat = torch.cat([*grads, weighted_loss.detach().reshape(1).float(), has])  # (P_dense + 1 + params,)
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.dense]
+        for p in self.small:  # (rows * D) summed rows, then (rows,) touched
+            table, touched = p.new_zeros(p.shape), p.new_zeros(p.shape[0])
+            if p.grad is not None:
+                g = p.grad.coalesce()
+                table[g.indices()[0]] = g.values()
+                touched[g.indices()[0]] = 1.0
+            parts += [table.reshape(-1), touched]
+        flat = torch.cat([*parts, weighted_loss.detach().reshape(1).float(), has])
         dist.all_reduce(flat)
-        for p in self.params:
-            if id(p) not in self.sparse:
-                continue
-            if p.grad is None:  # this rank's share touched no row: an empty sparse gradient
-                p.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64, device=p.device),
-                                                 torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=p.device), p.shape,
-                                                 check_invariants=False)
-            dist.all_reduce(p.grad)
-        used = flat[-len(self.params):] > 0  # (params,) some rank had a gradient
+        for p in self.large:
+            p.grad = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
+                torch.zeros(1, 0, dtype=torch.int64, device=p.device),
+                torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=p.device), p.shape, check_invariants=False)
+            dist.all_reduce(p.grad)  # this rank's rows, then everyone's (uncoalesced: the optimizer coalesces)
         offset = 0
-        for p in dense:
+        for p in self.dense:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
-                flat[offset : offset + n].view_as(p))
+            summed = flat[offset : offset + n].view_as(p)
+            p.grad = summed.clone() if p.grad is None else p.grad.copy_(summed)
             offset += n
+        for p in self.small:
+            n, rows = p.numel(), p.shape[0]
+            table, touched = flat[offset : offset + n].view_as(p), flat[offset + n : offset + n + rows]
+            idx = torch.nonzero(touched).reshape(-1)  # (r,) rows the global batch touched
+            p.grad = torch.sparse_coo_tensor(idx[None], table[idx], p.shape, check_invariants=False, is_coalesced=True)
+            offset += n + rows
+        used = flat[offset + 1 :] > 0  # (params,) some rank had a gradient
         for p, u in zip(self.params, used.tolist()):
             if not u:
                 p.grad = None

@@ -65,8 +65,14 @@ def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
     try:
         ds, split, spec = _load(paths)
-        for name, sparse in (("sparse", True), ("dense", False)):
+        import retrieval.distributed as distributed
+
+        for name, sparse, dense_below in (("sparse", True, None), ("sparse_tables", True, 0), ("dense", False, None)):
+            if dense_below is not None:  # every row-sparse table reduced as a sparse tensor (a large vocabulary)
+                default, distributed.DENSE_BELOW = distributed.DENSE_BELOW, dense_below
             state, loss = _steps(ds, split, sparse)
+            if dense_below is not None:
+                distributed.DENSE_BELOW = default
             torch.save({"state": state, "loss": loss}, out / f"{name}_{rank}.pt")
 
         cfg = model_config_for(ds, dim=8, seed=2)
@@ -143,7 +149,7 @@ def test_shares_cover_the_batch_in_order() -> None:
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("name, sparse", [("sparse", True), ("dense", False)])
+@pytest.mark.parametrize("name, sparse", [("sparse", True), ("sparse_tables", True), ("dense", False)])
 def test_two_processes_take_one_process_steps(two_ranks: Path, tiny_paths, name: str, sparse: bool) -> None:
     """Same global batch, same negatives: the parameters of two gloo processes equal one process's
     within float tolerance, and the two replicas are identical bit for bit."""
