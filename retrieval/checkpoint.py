@@ -91,10 +91,12 @@ class Checkpointer:
     def __init__(self, settings: Checkpointing, identity: dict[str, Any], group: Group, device: torch.device):
         self.settings, self.identity, self.group, self.device = settings, identity, group, device
 
-    def due(self, step: int, steps: int) -> bool:
-        """Whether to checkpoint after `step` of an epoch of `steps` (the epoch's end has its own)."""
+    def due(self, before: int, step: int, steps: int) -> bool:
+        """Whether to checkpoint at `step` of an epoch of `steps`, the previous chance having been at
+        step `before`: when a multiple of `every` lies in (before, step] (the losses of a GPU run are
+        read, and a checkpoint can be written, every few steps), not at the epoch's end (it has its own)."""
         every = self.settings.every
-        return every > 0 and step % every == 0 and step < steps
+        return every > 0 and step // every > before // every and step < steps
 
     def save(
         self,

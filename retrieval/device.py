@@ -62,6 +62,7 @@ class Runtime:
     precision: Precision = "fp32"  # bf16: the loss's forward under bf16 autocast (weights and optimizer stay fp32)
     compile: bool = False  # torch.compile the loss (the first steps pay the compilation)
     resident: bool | None = None  # training windows gathered on the device; None = on cuda only
+    read_every: int = 0  # training losses read back to the host every this many steps; 0 = 1 on cpu, 16 on cuda
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -77,6 +78,12 @@ class Runtime:
         """Embedding gradients dense (cuda: fused dense Adam is faster there, and NCCL reduces
         dense tensors only) rather than row-sparse (cpu: a step costs O(batch), not O(N))."""
         return self.cuda
+
+    @property
+    def loss_read_every(self) -> int:
+        """Steps between reads of the training loss: on a GPU each read makes the host wait for
+        the device, so losses stay there for a few steps."""
+        return self.read_every or (16 if self.cuda else 1)
 
     @property
     def keeps_windows_on_device(self) -> bool:

@@ -211,20 +211,24 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, run
 
 def train_step(model: Retriever, opts: list[torch.optim.Optimizer], batch: Batch | None, neg: torch.Tensor,
                log_q: torch.Tensor, sync: GradientSync | None = None, weight: float = 1.0,
-               autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> float:
-    """One optimisation step on one batch with the negatives `neg` (S,); returns the loss.
+               autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+               read: bool = True) -> Any:
+    """One optimisation step on one batch with the negatives `neg` (S,); returns the loss
+    (`read=False`: as a detached tensor on the device, not read back, so a GPU is not made to
+    wait for the host every step).
 
     With `sync` (several processes) the batch is this rank's share, holding `weight` of the
     global batch's rows (None when the share is empty); the loss is back-propagated weighted
     and the ranks' gradients summed, and the global batch's loss is returned."""
     with autocast() if autocast is not None else contextlib.nullcontext():
         loss = model.loss(batch, neg, log_q) if batch is not None else None
-    return backward_step(loss, opts, sync, weight, log_q.device)
+    return backward_step(loss, opts, sync, weight, log_q.device, read)
 
 
 def backward_step(loss: torch.Tensor | None, opts: list[torch.optim.Optimizer], sync: GradientSync | None = None,
-                  weight: float = 1.0, device: torch.device | None = None) -> float:
-    """Zero the gradients, back-propagate `loss`, step the optimizers; returns the loss.
+                  weight: float = 1.0, device: torch.device | None = None, read: bool = True) -> Any:
+    """Zero the gradients, back-propagate `loss`, step the optimizers; returns the loss (a float,
+    or with `read=False` the detached tensor).
 
     With `sync` (several processes) `loss` is this rank's share's mean loss (None for an
     empty share) holding `weight` of the global batch's rows: it is back-propagated times
@@ -241,7 +245,7 @@ def backward_step(loss: torch.Tensor | None, opts: list[torch.optim.Optimizer], 
         loss = sync(loss.detach() * weight if loss is not None else torch.zeros((), device=device))
     for o in opts:
         o.step()
-    return loss.item()
+    return loss.item() if read else loss.detach()
 
 
 def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: Any = None, start: int = 0,
@@ -251,14 +255,17 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
     Each batch's histories are gathered from the stored sequences here (on the device when
     they are resident there), so memory follows the batch, never windows x L. With several
     processes each rank takes its share of every batch. `bar` is a `progress_bar` (or None)
-    told the running loss and rate after every step. A resumed epoch starts at step `start`
-    with the loss sum of the steps before it; `after_step(steps done, loss sum)` runs after
-    every step (checkpoints)."""
+    told the running loss and rate. A resumed epoch starts at step `start` with the loss sum
+    of the steps before it; `after_step(steps done, loss sum)` runs whenever the losses have
+    been read back (checkpoints): after every step on the CPU, every few steps on a GPU, whose
+    losses stay on the device in between (Runtime.loss_read_every)."""
     model, L, group = st.model, st.model.config.max_len, st.group
     model.train()
     steps = (len(order) + batch_size - 1) // batch_size
     t0 = time.perf_counter()
     on_device = st.windows.order(order) if st.windows is not None else None
+    read_every = st.runtime.loss_read_every
+    pending: list[torch.Tensor] = []  # losses of steps not yet read back
     for s in range(start, steps):
         lo, hi, weight = s * batch_size, min((s + 1) * batch_size, len(order)), 1.0
         if group.parallel:  # this rank's share of the global batch
@@ -271,8 +278,13 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
         else:
             idx = order[lo:hi]  # (B,)
             batch = make_batch(ds, st.users[idx], st.positions[idx], L, with_target=True)
-        loss_sum += train_step(model, st.opts, batch, st.sampler.draw(), st.log_q, st.sync, weight,
-                               st.runtime.autocast)
+        pending.append(train_step(model, st.opts, batch, st.sampler.draw(), st.log_q, st.sync, weight,
+                                  st.runtime.autocast, read=False))
+        if len(pending) < read_every and s + 1 < steps:
+            continue
+        for value in torch.stack(pending).tolist():
+            loss_sum += value
+        pending.clear()
         if after_step is not None:
             after_step(s + 1, loss_sum)
         if bar is not None:
@@ -346,9 +358,12 @@ def train(
         start, loss_sum, seconds = (first_step, loss_before, seconds_before) if epoch == first_epoch else (0, 0.0, 0.0)
         t0 = time.perf_counter()
 
+        last = [start]  # the step of the previous call
+
         def after_step(step: int, loss_sum: float) -> None:
-            if ckpt is not None and ckpt.due(step, steps):
+            if ckpt is not None and ckpt.due(last[0], step, steps):
                 checkpoint(epoch, step, rng_epoch, loss_sum, seconds + time.perf_counter() - t0)
+            last[0] = step
 
         with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
             loss = run_steps(ds, st, order, config.batch_size, bar, start, loss_sum, after_step)

@@ -20,7 +20,9 @@ from retrieval.resident import ResidentWindows, gather_histories
 from retrieval.samples import Histories, gather_histories as gather_numpy, make_batch
 from retrieval.train import TrainConfig, epoch_order, model_config_for, run_steps, setup, train
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(test):
+    """A test that needs a GPU: marked `cuda` (bench/gpu_check.sh selects them) and skipped without one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 
@@ -184,7 +186,7 @@ def test_a_gpu_trained_bundle_loads_and_serves_on_cpu(tiny, tmp_path: Path, prec
     ds, split, spec = tiny
     runtime = runtime_for("cuda", precision, compile)
     cfg = model_config_for(ds, dim=8)
-    result = train(ds, split, cfg, TrainConfig(epochs=2, batch_size=32, negatives=16), out=tmp_path / "b",
+    result = train(ds, split, cfg, TrainConfig(epochs=1, batch_size=32, negatives=16), out=tmp_path / "b",
                    data_spec=spec, show_progress=False, runtime=runtime)
     assert result.best_recall > 0
     state = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
@@ -210,3 +212,27 @@ def test_cli_train_and_evaluate_on_cuda(invoke, tiny_data, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     result = invoke("evaluate", "--bundle", out, "--device", "cpu", "--out", tmp_path / "c.json")
     assert result.exit_code == 0, result.output
+
+
+def test_losses_read_back_every_few_steps_are_the_same_losses(tiny) -> None:
+    """A GPU run reads its losses every 16 steps (Runtime.loss_read_every): the same training, the
+    same mean loss, and checkpoints at the reads that cross a multiple of --checkpoint-every."""
+    from retrieval.checkpoint import Checkpointer, Checkpointing
+    from retrieval.distributed import Group
+
+    ds, split, _ = tiny
+    config = TrainConfig(seed=4, batch_size=16, negatives=32)
+    runs = {}
+    for every in (1, 4):
+        st = setup(ds, split, model_config_for(ds, dim=8, seed=4), config, Runtime(read_every=every))
+        order = epoch_order(np.random.default_rng(4), len(st.users), 16, 10)
+        calls: list[tuple[int, float]] = []
+        runs[every] = (run_steps(ds, st, order, 16, after_step=lambda s, l: calls.append((s, l))), calls,
+                       cpu_state(st.model))
+    (loss1, calls1, state1), (loss4, calls4, state4) = runs[1], runs[4]
+    assert loss1 == loss4 and all(torch.equal(state1[k], state4[k]) for k in state1)
+    assert [s for s, _ in calls1] == list(range(1, 11)) and [s for s, _ in calls4] == [4, 8, 10]
+    assert dict(calls1)[8] == dict(calls4)[8]  # the running loss sum at a read is the same
+    ckpt = Checkpointer(Checkpointing(Path("unused"), every=3), {}, Group(), torch.device("cpu"))
+    assert [s for b, s in [(0, 4), (4, 8), (8, 10)] if ckpt.due(b, s, 10)] == [4, 8]  # crossed 3, crossed 6
+    assert [s for s in range(1, 11) if ckpt.due(s - 1, s, 10)] == [3, 6, 9]

@@ -11,7 +11,8 @@ import torch
 from index.faiss_index import build_index, search_top_n
 from index.torch_search import TorchFlatIndex, on_device
 
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+devices = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 def _data(N: int = 500, d: int = 16, U: int = 60, K: int = 4, seed: int = 0):
