@@ -13,8 +13,10 @@ cores to itself in its rounds.
 
 Where the pair's step time goes: the compute of a B/2 share (measured alone as the
 B/2 rounds), the all-reduce of the gradients (measured after a barrier, so that it
-excludes waiting for the other rank), and the rest, which is waiting: one rank's share
-finished later than the other's (uneven rows, the OS scheduling other work on a core).
+excludes waiting for the other rank), the waiting inside the step's all-reduce for the
+other rank, and the rest. CPU time (all of a process's threads) is recorded beside wall
+time: on a machine whose cores are shared with other work, a process's wall time beyond
+its CPU time is time it waited for a core.
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ def _worker(rank: int, role: str, world: int, rendezvous: str, commands: Any, re
         sync0 = st.sync.seconds if st.sync is not None else 0.0
         if role == "pair":
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = run_steps(ds, st, order, batch)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         sync = (st.sync.seconds - sync0) if st.sync is not None else 0.0
         pure = 0.0
         if role == "pair":  # the all-reduce alone: both ranks start it together, so no waiting is in it
@@ -94,7 +96,7 @@ def _worker(rank: int, role: str, world: int, rendezvous: str, commands: Any, re
             for o in st.opts:
                 o.zero_grad(set_to_none=True)
         done[batch] += steps
-        results.put({"rank": rank, "role": role, "batch": batch, "steps": steps, "wall": wall, "sync": sync,
+        results.put({"rank": rank, "role": role, "batch": batch, "steps": steps, "wall": wall, "cpu": cpu, "sync": sync,
                      "allreduce": pure, "loss": loss})
     if role == "pair":
         dist.destroy_process_group()
@@ -171,7 +173,12 @@ def summarise(rows: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     two = max(ms(f"2 processes B={batch}", rank=0), ms(f"2 processes B={batch}", rank=1))
     allreduce = float(np.mean([ms(f"2 processes B={batch}", "allreduce", r) for r in (0, 1)]))
     sync = float(np.mean([ms(f"2 processes B={batch}", "sync", r) for r in (0, 1)]))
+    cpu_one, cpu_half = ms(f"1 process B={batch}", "cpu"), ms(f"1 process B={batch // 2}", "cpu")
+    cpu_two = float(np.mean([ms(f"2 processes B={batch}", "cpu", r) for r in (0, 1)]))
     return {
+        "one_process_cpu_ms": cpu_one,  # CPU time of the process per step (all its threads)
+        "half_batch_cpu_ms": cpu_half,
+        "two_process_cpu_ms_per_rank": cpu_two,
         "one_process_step_ms": one,
         "two_process_step_ms": two,
         "one_process_samples_per_s": batch / one * 1000,
@@ -191,11 +198,12 @@ def table(result: dict[str, Any]) -> str:
              f"{result['steps_per_round']} steps (load average {result['machine']['load_average_before']} -> "
              f"{result['machine']['load_average_after']})",
              f"{'global B':>8} {'1 proc ms':>10} {'2 proc ms':>10} {'speed-up':>9} {'B/2 alone':>10} "
-             f"{'allreduce':>10} {'waiting':>8} {'other':>7}"]
+             f"{'allreduce':>10} {'waiting':>8} {'other':>7} {'cpu 1p':>7} {'cpu B/2':>8} {'cpu rank':>9}"]
     for b, s in result["summary"].items():
         lines.append(f"{b:>8} {s['one_process_step_ms']:>10.1f} {s['two_process_step_ms']:>10.1f} "
                      f"{s['speedup']:>8.2f}x {s['half_batch_step_ms']:>10.1f} {s['allreduce_ms']:>10.1f} "
-                     f"{s['waiting_ms']:>8.1f} {s['other_ms']:>7.1f}")
+                     f"{s['waiting_ms']:>8.1f} {s['other_ms']:>7.1f} {s['one_process_cpu_ms']:>7.1f} "
+                     f"{s['half_batch_cpu_ms']:>8.1f} {s['two_process_cpu_ms_per_rank']:>9.1f}")
     return "\n".join(lines)
 
 
