@@ -27,7 +27,7 @@ from torch import Tensor
 
 from index.faiss_index import merge_interests
 
-SCORE_BUDGET = 1 << 27  # most (query, item) scores held at once: 512 MiB of float32
+SCORE_BUDGET = 1 << 28  # most (query, item) scores held at once: 1 GiB of float32 (67 users x K=4 over 1M items)
 
 
 class TorchFlatIndex:

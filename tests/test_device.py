@@ -4,12 +4,13 @@ bundles that load on any machine; the CUDA half runs only where PyTorch sees a G
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, assert_clean_error
+from conftest import TINY, assert_clean_error, assert_usage_error
 from data.synthetic import generate
 from retrieval.bundle import load_bundle, save_bundle, config_dict
 from retrieval.data import DataSpec, load_dataset, split_users
@@ -60,11 +61,25 @@ def test_cli_cuda_without_a_gpu_is_one_line(invoke, tiny_data, tmp_path) -> None
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("command", ["evaluate", "query"])
-def test_cli_unknown_device_is_one_line(invoke, bundle_k4, index_k4, command) -> None:
-    extra = ("--user", "u00001") if command == "query" else ()
-    result = invoke(command, "--bundle", bundle_k4, "--index", index_k4, *extra, "--device", "gpu")
-    assert_clean_error(result, "unknown device 'gpu'; use auto, cpu or cuda")
+@pytest.mark.parametrize("command", ["evaluate", "query", "train", "experiment"])
+def test_cli_unknown_device_or_precision_is_a_usage_error(invoke, bundle_k4, index_k4, tiny_data, tmp_path,
+                                                          command) -> None:
+    args = {"evaluate": ("--bundle", bundle_k4), "query": ("--bundle", bundle_k4, "--index", index_k4, "--user", "u1"),
+            "train": ("--interactions", tiny_data["interactions"], "--out", tmp_path / "b"),
+            "experiment": ("--interactions", tiny_data["interactions"], "--out", tmp_path / "r.json")}[command]
+    assert_usage_error(invoke(command, *args, "--device", "gpu"), "--device", "'gpu' is not one of 'auto', 'cpu', 'cuda'")
+    if command in ("train", "experiment"):
+        assert_usage_error(invoke(command, *args, "--precision", "fp16"), "--precision",
+                           "'fp16' is not one of 'fp32', 'bf16'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_choices_mirror_the_library() -> None:
+    import cli
+    from retrieval.device import DEVICES, PRECISIONS
+
+    assert get_args(get_args(cli.Device)[0]) == DEVICES
+    assert get_args(get_args(cli.Precision)[0]) == PRECISIONS
 
 
 def test_to_device_moves_every_tensor_and_leaves_cpu_batches_alone(tiny) -> None:

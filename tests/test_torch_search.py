@@ -55,7 +55,7 @@ def test_search_equals_the_flat_faiss_index(device: str) -> None:
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("strategy", ["best", "share"])
-@pytest.mark.parametrize("budget", [1 << 27, 1500])
+@pytest.mark.parametrize("budget", [1 << 28, 1500])
 def test_search_top_n_equals_faiss_search_top_n(device: str, strategy: str, budget: int) -> None:
     """Exclusion before the top-k gives what FAISS's over-fetch and second search give."""
     xb, queries, mask, exclude, weights = _data()
