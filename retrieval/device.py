@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 
@@ -30,8 +29,8 @@ log = logging.getLogger(__name__)
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16"]
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 T = TypeVar("T")
 
@@ -148,18 +147,6 @@ def _all_on_cpu(batch: Any) -> bool:
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's state_dict as detached CPU tensors: what every bundle and checkpoint stores."""
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-@contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """The module moved to `device` for the block, then back where it was (inference on a GPU
-    for a bundle loaded on the CPU)."""
-    before = model_device(module)
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(before)
 
 
 def compile_loss(model: torch.nn.Module) -> None:

@@ -255,13 +255,3 @@ def check_in_sync(module: torch.nn.Module, group: Group) -> None:
         spread = both[: len(sums)] + both[len(sums):]  # max - min per tensor
     if bool((spread != 0).any()):
         raise ReplicaError("the processes' parameters differ: data-parallel replicas fell out of sync")
-
-
-def same_everywhere(value: Any, what: str, group: Group) -> None:
-    """ReplicaError when `value` (a setting, a data fingerprint) differs between ranks."""
-    if not group.parallel:
-        return
-    values: list[Any] = [None] * group.world
-    dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        raise ReplicaError(f"the processes disagree on {what}: {values}")

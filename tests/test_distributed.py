@@ -25,6 +25,7 @@ from retrieval.bundle import load_bundle
 from retrieval.checkpoint import Checkpointing
 from retrieval.data import DataSpec, load_dataset, split_users
 from retrieval.device import cpu_state
+from retrieval.errors import ArtifactError
 from retrieval.distributed import Group, share
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.ranking.train import RankTrainConfig, train_ranker
@@ -108,6 +109,26 @@ def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
         ranker = train_ranker(ds, split, RankTrainConfig(model="din", epochs=1, batch_size=64, dim=4, max_len=10,
                                                          threads=1), show_progress=False)
         torch.save(cpu_state(ranker.model), out / f"ranker_{rank}.pt")
+
+        # Replicas out of sync, and an error on rank 0 only: every rank raises.
+        from retrieval.distributed import ReplicaError, check_in_sync, current, from_main
+
+        raised = []
+        with torch.no_grad():
+            next(ranker.model.parameters())[0].add_(float(rank))
+        try:
+            check_in_sync(ranker.model, current())
+        except ReplicaError as err:
+            raised.append(str(err))
+
+        def fails_on_main():
+            raise ArtifactError("rank 0 could not write")
+
+        try:
+            from_main(fails_on_main, current())
+        except ArtifactError as err:
+            raised.append(str(err))
+        (out / f"raised_{rank}.json").write_text(json.dumps(raised))
     finally:
         dist.destroy_process_group()
 
@@ -197,6 +218,12 @@ def test_rankers_train_as_identical_replicas(two_ranks: Path) -> None:
     r0, r1 = (torch.load(two_ranks / f"ranker_{r}.pt", weights_only=True) for r in (0, 1))
     assert r0.keys() == r1.keys()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # batch-norm statistics averaged too
+
+
+def test_every_rank_raises_what_one_rank_found(two_ranks: Path) -> None:
+    for rank in (0, 1):
+        assert json.loads((two_ranks / f"raised_{rank}.json").read_text()) == [
+            "the processes' parameters differ: data-parallel replicas fell out of sync", "rank 0 could not write"]
 
 
 def test_torchrun_trains_one_bundle_that_one_process_loads(tiny_data, tmp_path: Path) -> None:
