@@ -35,7 +35,7 @@ if os.environ["DEVICE"] == "cuda":
     assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {gpu}; "
-      f"faiss {faiss.__version__}, polars {polars.__version__}, numpy {numpy.__version__}")
+      f"faiss {faiss.__version__}, polars {polars.__version__}, numpy {numpy.__version__}, typer {typer.__version__}")
 PYEOF
 
 status=0
