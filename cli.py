@@ -16,10 +16,15 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from retrieval.device import Runtime
+    from retrieval.distributed import Group
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("retrieve")
@@ -170,6 +175,45 @@ NegativeSource = Annotated[Literal["uniform", "retrieval"], typer.Option(help="u
 DataFormat = Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format.")]
 GenerateMethod = Annotated[Literal["per_user", "vectorised"], typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an artifact of another kind at --out (never a directory or file that is not an artifact, nor an input).")]
+# Where a command runs (retrieval.device: DeviceName, Precision); the training commands also take precision and compile.
+Device = Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto (cuda when PyTorch sees a GPU, else cpu), cpu or cuda.")]
+Precision = Annotated[Literal["fp32", "bf16"], typer.Option(help="fp32, or bf16: the training loss under bf16 autocast (weights and optimizer stay fp32).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training loss (pays off on GPUs; the first steps compile).")]
+Threads = Annotated[int, typer.Option(min=0, help="Torch threads per process (0 = torch's default; torchrun sets 1).")]
+# Checkpoints and resumption of training (retrieval.checkpoint).
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint of an interrupted run with the same settings (a fresh start when there is none yet).")]
+CheckpointEvery = Annotated[int, typer.Option(min=0, help="Also checkpoint every this many steps inside an epoch (0 = at each epoch's end only).")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUT.ckpt beside the bundle; removed when the run ends).")]
+
+
+@contextlib.contextmanager
+def _runtime(device: str, precision: str = "fp32", compile: bool = False) -> Iterator[tuple["Runtime", "Group"]]:
+    """The command's device settings, inside the process group when torchrun started several
+    processes (gloo on CPU, NCCL on GPU); ranks other than 0 log warnings only."""
+    from retrieval.device import runtime_for
+    from retrieval.distributed import init_from_env, local_rank, shutdown
+
+    runtime = runtime_for(device, precision, compile, local_rank())
+    group = init_from_env(runtime.device)
+    if not group.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield runtime, group
+    finally:
+        shutdown()
+
+
+def _claim_on_main(group: "Group", out: Path, kind: str, inputs: tuple[Optional[Path], ...], force: bool) -> None:
+    """_claim on rank 0, which alone writes; its refusal is raised on every rank."""
+    from retrieval.distributed import from_main
+
+    from_main(lambda: _claim(out, kind, inputs, force), group)
+
+
+def _checkpointing(out: Path, checkpoint: Optional[Path], every: int, resume: bool) -> Any:
+    from retrieval.checkpoint import Checkpointing, default_path
+
+    return Checkpointing(checkpoint or default_path(out), every, resume)
 
 
 @app.command()
@@ -231,24 +275,37 @@ def train(
     merge: Merge = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = 0,
+    checkpoint: Checkpoint = None,
 ) -> None:
-    """Train MIND on the log's training data; write a model bundle (best validation Recall@50)."""
+    """Train MIND on the log's training data; write a model bundle (best validation Recall@50).
+
+    Under torchrun (`torchrun --nproc_per_node=N -m cli train ...`) the processes train one
+    model data-parallel: --batch-size is the global batch, rank 0 validates and writes."""
     from retrieval.bundle import KIND
     from retrieval.data import load_dataset, make_split
     from retrieval.train import TrainConfig, model_config_for, train as run_train
 
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    split_kind, split = split, make_split(ds, split, split_seed)
-    cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
-                           pow=pow, attention="hard" if hard_attention else "power", seed=seed)
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
-                     max_steps=max_steps)
-    result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
-    typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        split_kind, split = split, make_split(ds, split, split_seed)
+        cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
+                               pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
+                         threads=threads, max_steps=max_steps)
+        result = run_train(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime,
+                           checkpointing=_checkpointing(out, checkpoint, checkpoint_every, resume))
+        if group.main:
+            typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s" + (f"  ({group.world} processes)" if group.parallel else ""))
 
 
 @app.command("build-index")
@@ -334,6 +391,7 @@ def query(
     rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (seconds) as JSON on stderr.")] = False,
+    device: Device = "auto",
 ) -> None:
     """Top-N items for users, from all their known behaviours (items already seen excluded).
 
@@ -343,8 +401,10 @@ def query(
     import numpy as np
 
     from index.faiss_index import load_index
+    from index.torch_search import on_device
     from retrieval.bundle import load_bundle
     from retrieval.channels import CHANNELS, load_channels, retrieve
+    from retrieval.device import runtime_for
     from retrieval.samples import Histories
 
     clock.lap("imports")
@@ -352,12 +412,15 @@ def query(
         _fail("give exactly one of --user or --users-file")
     if rank is not None and n > candidates:
         _fail(f"-n {n} is more than --candidates {candidates}: the ranker reorders only the candidates retrieved")
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
+    b.model.to(runtime.device)
     clock.lap("load_bundle")
     idx, index_manifest = load_index(index, b.fingerprint)
     channels = load_channels(index, index_manifest)  # None: MIND alone
     if channels is not None and merge != "best":
         _fail("--merge share applies to MIND alone; this index holds the merged retriever (built with --channels)")
+    idx = on_device(idx, runtime.device)  # a flat index searches exactly on the GPU
     clock.lap("load_index")
     raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
     ds = b.dataset
@@ -372,6 +435,7 @@ def query(
         from retrieval.ranking.scoring import rerank
 
         ranker = load_ranker(rank, b)
+        ranker.model.to(runtime.device)
         order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
         order = order[:, :n]
         rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
@@ -430,6 +494,7 @@ def evaluate(
     split: Annotated[Optional[Literal["user", "time"]], typer.Option("--split", help="user or time: must be the split the bundle was trained on (recorded in it; the default).")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: Recall@N for N=1..200 of every model, and the training curves (needs the plot extra).")] = None,
     force: Force = False,
+    device: Device = "auto",
 ) -> None:
     """Recall / HitRate / NDCG @20 and @50 of MIND, the merged retriever and the baselines on
     held-out users (the protocol), with the diagnostics of MIND's interests.
@@ -437,10 +502,12 @@ def evaluate(
     With --ranker, also the ranker's standalone AUC and GAUC and the two-stage
     (retrieve M, rerank) metrics beside the retrieval order on the same users."""
     from index.faiss_index import load_index
+    from index.torch_search import on_device
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
     from retrieval.channels import load_channels
-    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, format_diagnostics, format_table
+    from retrieval.device import runtime_for
+    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, exact_index, format_diagnostics, format_table
 
     if plots is not None:
         from retrieval.plots import require_matplotlib
@@ -448,7 +515,9 @@ def evaluate(
         require_matplotlib()
     if out:
         _claim(out, REPORT_KIND, (bundle, index, k1_bundle, ranker), force)
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
+    b.model.to(runtime.device)  # without --index, exact search runs on the model's device
     if split is not None and split != b.split.kind:
         _fail(f"{bundle}: the bundle was trained on the {b.split.kind} split, not the {split} split "
               f"(train it with --split {split})")
@@ -456,17 +525,21 @@ def evaluate(
     if index:
         idx, index_manifest = load_index(index, b.fingerprint)
         channels = load_channels(index, index_manifest)
+        idx = on_device(idx, runtime.device)
     k1 = load_bundle(k1_bundle) if k1_bundle else None
+    if k1 is not None:
+        k1.model.to(runtime.device)
     if ranker is not None:  # a bad ranker fails before the retrieval evaluation, not after it
         from retrieval.ranking.bundle import load_ranker
 
         rb = load_ranker(ranker, b)
+        rb.model.to(runtime.device)
     report = evaluate_bundles(b, idx, k1, part, channels=channels)
+    report["device"] = runtime.describe()
     if ranker is not None:
-        from index.faiss_index import build_index
         from retrieval.ranking.evaluate import evaluate_ranker
 
-        index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
+        index_for_ranker = idx if idx is not None else exact_index(b.model)
         report["ranker"] = {"model": rb.name, "bundle": str(ranker),
                             **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
     if plots is not None:
@@ -513,26 +586,38 @@ def train_ranker_cmd(
     patience: Annotated[int, typer.Option(min=1)] = 2,
     seed: Seed = 0,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
-    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
+    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC.
+
+    Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import KIND, save_ranker
     from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
 
-    _claim(out, KIND, (bundle,), force)
-    b = load_bundle(bundle)
-    cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
-                          negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
-                          dim=dim, max_len=max_len)
-    hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (bundle,), force)
+        b = load_bundle(bundle)
+        cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
+                              negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
+                              dim=dim, max_len=max_len, threads=threads)
+        if negative_source == "retrieval":
+            b.model.to(runtime.device)
+        hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+        extra = {"trained_on": {**runtime.describe(), "processes": group.world}}
 
-    def save(m, history):  # rewrite the best ranker so far, atomically
-        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
+        def save(m, history):  # rewrite the best ranker so far, atomically
+            save_ranker(out, m, model, cfg, b,
+                        extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history), **extra})
 
-    result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save)
-    save(result.model, result.history)
-    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+        result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save, runtime=runtime)
+        if group.main:
+            save(result.model, result.history)
+            typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()
@@ -568,9 +653,15 @@ def experiment(
     knn_k: Annotated[str, typer.Option(help="Neighbours per item in the merged retriever's item-kNN table: comma-separated sizes, the best on validation users kept.")] = "50,100,200",
     plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: mean Recall@N for N=1..200 of every model, and every run's training curves (needs the plot extra).")] = None,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
     """MIND, its variants, K=1 (same tuning budget), the merged retriever, item-kNN and popularity
-    over several runs: mean ± std, diagnostics, figures by history length."""
+    over several runs: mean ± std, diagnostics, figures by history length.
+
+    Under torchrun the processes train each model together; rank 0 evaluates and writes."""
     from retrieval.artifacts import atomic_write_bytes, atomic_write_json
     from retrieval.data import load_dataset
     from retrieval.evaluate import format_table
@@ -606,34 +697,38 @@ def experiment(
 
         require_matplotlib()
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split=split)
-    md = out.with_suffix(".md")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, split=split, threads=threads)
+        md = out.with_suffix(".md")
 
-    def write(partial: dict[str, Any]) -> None:
-        atomic_write_json(out, partial)
-        atomic_write_bytes(md, format_markdown(partial).encode())
+        def write(partial: dict[str, Any]) -> None:
+            if group.main:
+                atomic_write_json(out, partial)
+                atomic_write_bytes(md, format_markdown(partial).encode())
 
-    report = run_experiment(ds, spec, seed_list, model_settings, tc, split=split, train_seeds=train_seed_list,
-                            variants=variant_list, grid=grid, knn_k=knn_sizes, on_run=write)
-    if plots is not None:
-        from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
+        report = run_experiment(ds, spec, seed_list, model_settings, tc, split=split, train_seeds=train_seed_list,
+                                variants=variant_list, grid=grid, knn_k=knn_sizes, on_run=write, runtime=runtime)
+        if not group.main:
+            return
+        if plots is not None:
+            from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
 
-        histories = {f"{name} ({r['split_seed']}/{r['train_seed']})": t["history"]
-                     for r in report["per_run"] for name, t in r["training"].items()}
-        report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
-                                                  f"{Path(report['dataset']).parent.name}, {split} split, mean of "
-                                                  f"{report['runs']} runs, test users")),
-                           str(plot_training(histories, plots / TRAINING_PNG))]
-    write(report)
-    typer.echo(f"{report['dataset']}  {split} split  seeds {seed_list}  training seeds {train_seed_list}  "
-               f"K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s")
-    typer.echo(format_table(report))
-    for p in report.get("plots", []):
-        typer.echo(f"plot: {p}")
-    typer.echo(f"report: {out}  tables: {md}")
+            histories = {f"{name} ({r['split_seed']}/{r['train_seed']})": t["history"]
+                         for r in report["per_run"] for name, t in r["training"].items()}
+            report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
+                                                      f"{Path(report['dataset']).parent.name}, {split} split, mean of "
+                                                      f"{report['runs']} runs, test users")),
+                               str(plot_training(histories, plots / TRAINING_PNG))]
+        write(report)
+        typer.echo(f"{report['dataset']}  {split} split  seeds {seed_list}  training seeds {train_seed_list}  "
+                   f"K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s")
+        typer.echo(format_table(report))
+        for p in report.get("plots", []):
+            typer.echo(f"plot: {p}")
+        typer.echo(f"report: {out}  tables: {md}")
 
 
 @app.command("experiment-rankers")
@@ -656,6 +751,9 @@ def experiment_rankers(
     seed: Seed = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
     force: Force = False,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
@@ -671,14 +769,17 @@ def experiment_rankers(
     for v in variants:
         parse_variant(v)  # ConfigError: one line, before any work
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
-                                   on_seed=lambda partial: atomic_write_json(out, partial))
-    atomic_write_json(out, report)
-    typer.echo(format_ranker_table(report))
-    typer.echo(f"report: {out}")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
+                                       RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
+                                       on_seed=(lambda partial: atomic_write_json(out, partial)) if group.main else None,
+                                       runtime=runtime)
+        if group.main:
+            atomic_write_json(out, report)
+            typer.echo(format_ranker_table(report))
+            typer.echo(f"report: {out}")
 
 
 if __name__ == "__main__":

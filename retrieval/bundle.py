@@ -27,6 +27,7 @@ from retrieval.artifacts import (
     write_manifest,
 )
 from retrieval.data import Dataset, Split, make_split
+from retrieval.device import cpu_state
 from retrieval.errors import ArtifactError
 from retrieval.retrievers import DEFAULT, Retriever, retriever_classes
 
@@ -70,7 +71,7 @@ def save_bundle(
     """Write the bundle directory atomically; returns its manifest."""
     with atomic_dir(Path(out), KIND) as tmp:
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save(cpu_state(model), buf)  # CPU tensors whatever the model trained on: loads on any machine
         (tmp / "model.pt").write_bytes(buf.getvalue())
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         with open(tmp / "dataset.npz", "wb") as f:

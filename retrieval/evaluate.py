@@ -18,8 +18,10 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from index.faiss_index import build_index
+from index.torch_search import TorchFlatIndex
 from retrieval.artifacts import package_versions
 from retrieval.baselines import item_knn, popularity
 from retrieval.bundle import Bundle
@@ -64,8 +66,14 @@ def _training_span(ds: Dataset, split: Split) -> float:
     return float(last.max() - first.min())
 
 
-def exact_index(model: Retriever) -> faiss.Index:
-    return build_index(model.item_vectors().detach().numpy().astype(np.float32), "Flat")
+def exact_index(model: Retriever) -> faiss.Index | TorchFlatIndex:
+    """Exact search over the model's item vectors: a flat FAISS index for a model on the CPU,
+    a TorchFlatIndex on the model's GPU for one there."""
+    with torch.no_grad():
+        vectors = model.item_vectors().detach()  # (N, D)
+    if vectors.device.type != "cpu":
+        return TorchFlatIndex(vectors)
+    return build_index(vectors.numpy().astype(np.float32), "Flat")
 
 
 def evaluate_models(

@@ -33,6 +33,8 @@ import numpy as np
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, make_split
+from retrieval.device import Runtime
+from retrieval.distributed import current, from_main
 from retrieval.evaluate import KNN_K, evaluate_models
 from retrieval.retrievers import DEFAULT, RETRIEVERS, retriever_classes
 from retrieval.train import TrainConfig, TrainResult, model_config_for, train
@@ -136,21 +138,23 @@ def check_settings(model_settings: dict[str, Any], variants: Sequence[Variant], 
 
 
 def _train_one(ds: Dataset, split: Any, settings: dict[str, Any], config: TrainConfig,
-               show_progress: bool) -> TrainResult:
+               show_progress: bool, runtime: Runtime | None = None) -> TrainResult:
     retriever = settings.get("retriever", DEFAULT)
     model, training = split_settings({k: v for k, v in settings.items() if k != "retriever"}, retriever)
     cfg = model_config_for(ds, retriever, **model)
-    return train(ds, split, cfg, dataclasses.replace(config, **training), show_progress=show_progress)
+    return train(ds, split, cfg, dataclasses.replace(config, **training), show_progress=show_progress,
+                 runtime=runtime)
 
 
 def _train_tuned(ds: Dataset, split: Any, settings: dict[str, Any], config: TrainConfig, grid: dict[str, list[Any]],
-                 show_progress: bool) -> tuple[TrainResult, dict[str, Any], list[dict[str, Any]]]:
+                 show_progress: bool, runtime: Runtime | None = None
+                 ) -> tuple[TrainResult, dict[str, Any], list[dict[str, Any]]]:
     """Train at every grid point (once without a grid); keep the best validation Recall@N."""
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     best: tuple[TrainResult, dict[str, Any]] | None = None
     tried = []
     for point in points:
-        r = _train_one(ds, split, {**settings, **point}, config, show_progress)
+        r = _train_one(ds, split, {**settings, **point}, config, show_progress, runtime)
         tried.append({**point, "val_recall": r.best_recall})
         if best is None or r.best_recall > best[0].best_recall:
             best = (r, point)
@@ -166,26 +170,30 @@ def _training_record(r: TrainResult, chosen: dict[str, Any], tried: list[dict[st
 
 def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_settings: dict[str, Any],
              config: TrainConfig, variants: Sequence[Variant], grid: dict[str, list[Any]], part: str,
-             knn_k: int | Sequence[int], show_progress: bool) -> dict[str, Any]:
-    """One run: train the main MIND, K=1 and every variant on one split with one seed; evaluate."""
+             knn_k: int | Sequence[int], show_progress: bool, runtime: Runtime | None = None) -> dict[str, Any]:
+    """One run: train the main MIND, K=1 and every variant on one split with one seed; evaluate.
+    Under torchrun the processes train each model together and rank 0 evaluates."""
+    group = current()
     split = make_split(ds, kind, split_seed)
     tc = dataclasses.replace(config, split_seed=split_seed, split=kind, seed=train_seed)
     settings = {**model_settings, "seed": train_seed}
     max_len = int(settings.get("max_len", 50))
-    main, main_choice, main_tried = _train_tuned(ds, split, settings, tc, grid, show_progress)
+    main, main_choice, main_tried = _train_tuned(ds, split, settings, tc, grid, show_progress, runtime)
     training = {"mind": _training_record(main, main_choice, main_tried)}
     k1 = None
     if settings.get("interests", 4) != 1:
-        k1, k1_choice, k1_tried = _train_tuned(ds, split, {**settings, "interests": 1}, tc, grid, show_progress)
+        k1, k1_choice, k1_tried = _train_tuned(ds, split, {**settings, "interests": 1}, tc, grid, show_progress,
+                                               runtime)
         training["mind_k1"] = _training_record(k1, k1_choice, k1_tried)
-    result = evaluate_models(ds, split, main.model, None, k1.model if k1 else None, part, max_len=max_len,
-                             knn_k=knn_k)
+    result = from_main(lambda: evaluate_models(ds, split, main.model, None, k1.model if k1 else None, part,
+                                               max_len=max_len, knn_k=knn_k), group)
     channels = {"mind": {k: result["channels"][k] for k in ("weights", "prior_only", "knn_k")}}
     for v in variants:
         vs = {**settings, **({"retriever": v.retriever} if v.retriever else {}), **v.settings}
-        r = _train_one(ds, split, vs, tc, show_progress)
+        r = _train_one(ds, split, vs, tc, show_progress, runtime)
         training[v.label] = _training_record(r, v.settings, [])
-        ev = evaluate_models(ds, split, r.model, None, None, part, max_len=int(vs.get("max_len", 50)), knn_k=knn_k)
+        ev = from_main(lambda: evaluate_models(ds, split, r.model, None, None, part, max_len=int(vs.get("max_len", 50)),
+                                               knn_k=knn_k), group)
         result["models"][v.label] = ev["models"]["mind"]
         result["models"][f"{v.label} +channels"] = ev["models"]["retriever"]
         result["diagnostics"][v.label] = ev["diagnostics"]["mind"]
@@ -212,6 +220,7 @@ def run_experiment(
     grid: dict[str, list[Any]] | None = None,
     knn_k: int | Sequence[int] = KNN_K,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Every run (split seed x training seed): train and evaluate every model; aggregate mean
     and std per figure. `on_run(partial report)` is called as each run finishes, so a long
@@ -226,11 +235,11 @@ def run_experiment(
 
     def report() -> dict[str, Any]:
         return _report(ds, spec, split, seeds, train_seeds, runs, per_run, model_settings, config, parsed, grid,
-                       part, time.perf_counter() - t0)
+                       part, time.perf_counter() - t0, runtime or Runtime())
 
     for split_seed, train_seed in runs:
         per_run.append(run_once(ds, split, split_seed, train_seed, model_settings, config, parsed, grid, part,
-                                knn_k, show_progress))
+                                knn_k, show_progress, runtime))
         if on_run is not None:
             on_run(report())
     return report()
@@ -278,7 +287,7 @@ def _aggregate(trees: list[Any]) -> dict[str, Any]:
 def _report(ds: Dataset, spec: DataSpec, split: str, seeds: Sequence[int], train_seeds: Sequence[int],
             runs: list[tuple[int, int]], per_run: list[dict[str, Any]], model_settings: dict[str, Any],
             config: TrainConfig, variants: list[Variant], grid: dict[str, list[Any]], part: str,
-            seconds: float) -> dict[str, Any]:
+            seconds: float, runtime: Runtime) -> dict[str, Any]:
     first = per_run[0]
     names = list(first["models"])
     models = {name: {k: v for k, v in _aggregate([r["models"][name] for r in per_run]).items()} for name in names}
@@ -306,6 +315,7 @@ def _report(ds: Dataset, spec: DataSpec, split: str, seeds: Sequence[int], train
         "train_config": dataclasses.asdict(config),
         "variants": [v.label for v in variants],
         "tuning_grid": grid,
+        "trained_on": {**runtime.describe(), "processes": current().world},
         "models": models,
         "training": training,
         "diagnostics": {name: _aggregate([r["diagnostics"][name] for r in per_run]) for name in first["diagnostics"]},
