@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import json
 import logging
@@ -136,6 +137,16 @@ def _model_settings(extractor: str, **settings: Any) -> dict[str, Any]:
     return settings
 
 
+def _attention(extractor: str, attention: Optional[str]) -> str:
+    """--attention, or the extractor's own default when not given (MIND: max)."""
+    from retrieval.retrievers import retriever_classes
+
+    if attention is not None:
+        return attention
+    _, config_cls = retriever_classes(extractor)
+    return next(f.default for f in dataclasses.fields(config_cls) if f.name == "attention")
+
+
 def _data_spec(interactions: Path, items: Optional[Path], users: Optional[Path], user_col: str, item_col: str,
                time_col: str, item_features: Optional[str], user_features: Optional[str]) -> Any:
     from retrieval.data import DataSpec
@@ -183,7 +194,7 @@ TargetWindow = Annotated[int, typer.Option(min=1, help="W: each training window'
 Dim = Annotated[int, typer.Option(min=2, help="D: embedding size.")]
 MaxLen = Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")]
 Pow = Annotated[float, typer.Option(callback=_non_negative, help="Label-aware attention power p (0 = mean).")]
-Attention = Annotated[Literal["max", "hard", "power"], typer.Option(help="How training reads the interests: max (every candidate, the target and each negative, scored by its best interest, as the best-score merge serves), hard (the label-aware attention's best-matching interest for the target, the paper's p -> infinity) or power (softmax(s^p) with --pow).")]
+Attention = Annotated[Optional[Literal["max", "hard", "power"]], typer.Option(help="How training reads the interests: max (every candidate, the target and each negative, scored by its best interest, as the best-score merge serves; routing's default), hard (the label-aware attention's best-matching interest for the target, the paper's p -> infinity; self-attention's default) or power (softmax(s^p) with --pow).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Most epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1)]
 Lr = Annotated[float, typer.Option(callback=_non_negative, help="Adam learning rate.")]
@@ -289,7 +300,7 @@ def train(
     max_len: MaxLen = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
     pow: Pow = 2.0,
-    attention: Attention = "hard",
+    attention: Attention = None,
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -332,7 +343,7 @@ def train(
         ds = load_dataset(spec)
         split_kind, split = split, make_split(ds, split, split_seed)
         settings = _model_settings(extractor, dim=dim, interests=k or 1, max_len=max_len, pow=pow,
-                                   attention=attention, seed=seed,
+                                   attention=_attention(extractor, attention), seed=seed,
                                    hard_negatives=hard_negatives, peak_penalty=peak_penalty,
                                    routing_iters=routing_iters, routing_grad=routing_grad)
         cfg = model_config_for(ds, extractor, **settings)
@@ -686,7 +697,7 @@ def experiment(
     dim: Dim = 64,
     max_len: MaxLen = 50,
     pow: Pow = 2.0,
-    attention: Attention = "hard",
+    attention: Attention = None,
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -736,7 +747,7 @@ def experiment(
         _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
     k = _interest_count(interests)
     model_settings: dict[str, Any] = {"interests": interests if k is None else k, "dim": dim, "max_len": max_len,
-                                      "pow": pow, "attention": attention, "seed": seed}
+                                      "pow": pow, "attention": _attention(extractor, attention), "seed": seed}
     if extractor != "routing":
         model_settings["retriever"] = extractor
     # the remedies only when asked for, so that a variant of another retriever inherits no field it lacks

@@ -80,6 +80,7 @@ class InterestConfig:
     positions: bool = False  # learned recency embeddings (0 = the most recent behaviour) for the extractor to read
     attention: Literal["power", "hard", "max"] = "hard"  # label-aware attention: argmax, softmax(s^p), or
     # "max": every candidate (target and negatives) scored by its best interest, as the best-score merge serves
+    # (MIND's default, MINDConfig; "hard" stays ComiRec-SA's, where "max" was not measured)
     pow: float = 2.0  # p of the label-aware attention: 0 = mean of interests, large = near hard
     sparse: bool = True  # sparse embedding gradients: a step costs O(batch), not O(vocabulary)
     seed: int = 0  # seeds the initialisation (and MIND's fixed routing draw at inference)

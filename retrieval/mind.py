@@ -9,6 +9,12 @@ count, the profile head, label-aware attention and the sampled softmax are share
 every extractor (interests.py). With `positions`, each behaviour's learned recency
 embedding is added to it before the routing (not in the paper), so order can shape the interests.
 
+Training reads the interests with the best-interest softmax by default (`attention="max"`):
+the target and every sampled negative are scored by their best interest, as the best-score
+merge serves them. It departs from the paper, whose label-aware attention picks the interest
+nearest the target alone (`attention="hard"`, p -> infinity) or mixes them (`"power"`); on
+validation users it was the one change that lifted K=4 to or above K=1 on both real logs.
+
 `routing_grad` departs from the paper: the routing logits are then updated from capsules
 that keep their gradient, so the coupling coefficients (and REMI's penalty on them) train
 S and the behaviour embeddings. In the paper, and by default, they carry no gradient.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +40,9 @@ __all__ = ["MIND", "MINDConfig", "Batch", "Interests", "interest_count", "b2i_ro
 
 @dataclass
 class MINDConfig(InterestConfig):
+    # MIND trains with the best-interest softmax: the only setting that lifted K=4 to or above K=1 on
+    # validation users of both real logs (ML-100K, Amazon Beauty; README). "hard" is the paper's p -> infinity.
+    attention: Literal["power", "hard", "max"] = "max"
     routing_iters: int = 3  # rounds of B2I dynamic routing
     routing_sigma: float = 1.0  # std of the random routing-logit initialisation
     s_init_std: float = 1.0  # init std of S: large enough that agreement, not the random draw, drives routing
