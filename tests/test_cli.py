@@ -91,6 +91,15 @@ def test_train_reports_the_bundle(bundle_k4):
     assert manifest["kind"] == "mind-bundle" and manifest["best_epoch"] == 1
     assert config["model"]["interests"] == 4 and config["model"]["dim"] == 16
     assert config["train"]["negatives"] == 64 and config["train"]["epochs"] == 1
+    assert config["retriever"] == "routing" and config["model"]["attention"] == "max"  # MIND's default
+
+
+def test_train_attention_defaults_to_the_extractors_own(invoke, tiny_data, tmp_path):
+    out = tmp_path / "sa_default"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--extractor",
+                    "self-attention", "--epochs", "1", "--dim", "8", "--negatives", "16", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"]["attention"] == "hard"  # ComiRec-SA keeps hard
 
 
 def test_train_max_steps_caps_each_epoch(invoke, tiny_data, tmp_path):
