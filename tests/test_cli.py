@@ -146,6 +146,14 @@ def test_train_rejects_a_bad_interest_count_or_extractor(invoke, tiny_data, tmp_
     assert not out.exists()
 
 
+def test_train_refuses_to_resume_an_interest_search(invoke, tiny_data, tmp_path):
+    out = tmp_path / "auto"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--interests", "auto",
+                    "--resume")
+    assert_clean_error(result, "--resume continues one training run; --interests auto trains several (give one K)")
+    assert not out.exists()
+
+
 def test_query_table(invoke, bundle_k4, index_k4, small_data):
     seen = history(small_data, USER)
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "-n", "7")
