@@ -22,5 +22,5 @@ def test_suite_smoke_gathers_parts_and_skips_a_missing_public_env(tmp_path, caps
 
 def test_suite_rejects_an_unknown_part(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--parts", "train,gpu"]) == 2
-    assert capsys.readouterr().err == "error: unknown part 'gpu'; use query, train, ingest, scale, public\n"
+    assert capsys.readouterr().err == "error: unknown part 'gpu'; use query, serve, train, ingest, scale, public\n"
     assert not (tmp_path / "report-smoke.json").exists()

@@ -364,3 +364,44 @@ def test_batcher_close_finishes_queued_work():
         return await asyncio.gather(*tasks)
 
     assert run_async(main()) == [[0], [1], [2]]
+
+
+# ----------------------------------------------------------------------------- the rerank fast path
+
+
+def test_din_scores_each_historys_candidates_as_the_pairs_would(rec):
+    from retrieval.ranking import scoring
+    from retrieval.ranking.data import PairSet
+
+    ds, model = rec.dataset, rec.ranker.model
+    users = np.array([0, 5, 9, 17])
+    hist = Histories.of(ds, users, np.array([1, 3, ds.lengths()[9], 60]))  # short and longer than L histories
+    cand = np.random.default_rng(0).integers(1, ds.n_items + 1, size=(4, 30))
+    cand[2, 20:] = 0  # fewer candidates than M
+    fast = scoring.score_candidates(model, ds, hist, cand)
+    valid = cand.reshape(-1) > 0
+    rows = np.repeat(np.arange(4), 30)[valid]
+    pairs = PairSet(rows, hist.lengths()[rows], cand.reshape(-1)[valid], np.zeros(len(rows), np.float32))
+    slow = np.full(cand.size, -np.inf, np.float32)
+    slow[valid] = scoring.score_pairs(model, ds, pairs, seqs=hist)
+    assert np.array_equal(np.isinf(fast), cand == 0)
+    np.testing.assert_allclose(fast[cand > 0], slow.reshape(4, 30)[cand > 0], atol=1e-5)
+
+
+def test_dice_scoring_path_is_batch_norm_with_running_statistics():
+    import torch
+
+    from retrieval.layers import Dice
+
+    torch.manual_seed(0)
+    d = Dice(6).eval()
+    d.bn.running_mean.normal_()
+    d.bn.running_var.uniform_(0.5, 2.0)
+    d.alpha.data.uniform_(0.0, 0.5)
+    s = torch.randn(5, 3, 6)
+    z = (s - d.bn.running_mean) / torch.sqrt(d.bn.running_var + d.bn.eps)
+    want = torch.sigmoid(z) * s + (1 - torch.sigmoid(z)) * d.alpha * s  # the paper's form
+    with torch.no_grad():
+        got = d(s)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d(s), want, atol=1e-6, rtol=1e-5)  # with grad enabled: the training form
