@@ -91,7 +91,7 @@ SCALES = {
                    max_batch=64),
     "full": Scale(query="full", factory="IVF4096,PQ32np", rates=(250, 500, 1000, 1500, 2000),
                   rank_rates=(50, 100, 150, 200, 300), seconds=6.0, reload_rate=500, reload_seconds=8.0,
-                  inprocess_requests=4096, ranker_users=1000, users=2000, max_batch=64),
+                  inprocess_requests=4096, ranker_users=300, users=2000, max_batch=64),
 }
 
 
