@@ -328,6 +328,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a request waits for others to join its batch (ms).")] = 1.0,
     threads: Annotated[int, typer.Option(min=1, help="torch and FAISS threads of the model worker.")] = 1,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get 413.")] = 1 << 20,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for the model beyond which new ones get 503 (load shedding).")] = 2000,
     drain_s: Annotated[float, typer.Option(min=0, help="On SIGTERM, longest wait for requests in flight (s).")] = 30.0,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (costs throughput).")] = False,
 ) -> None:
@@ -343,7 +344,8 @@ def serve(
         if p is not None and not p.is_dir():
             _fail(f"{p}: not a directory")
     config = ServeConfig(bundle=bundle, index=index, ranker=ranker, merge=merge, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, threads=threads, max_body_bytes=max_body_bytes, drain_s=drain_s)
+                         max_wait_ms=max_wait_ms, threads=threads, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                         drain_s=drain_s)
     run_server(config, host=host, port=port, access_log=access_log)
 
 

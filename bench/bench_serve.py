@@ -77,7 +77,7 @@ class Scale:
     rates: tuple[float, ...]  # offered requests/s, retrieval only
     rank_rates: tuple[float, ...]  # offered requests/s with DIN reranking
     seconds: float  # length of each rate's run
-    reload_rate: float  # requests/s of the hot-reload run
+    reload_rate: float  # most requests/s of the hot-reload run (at most half the highest rate held)
     reload_seconds: float
     inprocess_requests: int  # requests of the in-process throughput run (retrieval; rank: a quarter)
     ranker_users: int  # training users the DIN is trained on
@@ -363,21 +363,24 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
         ranked = sweep(base, proc.pid, "/recommend", work / "rank_bodies.jsonl", s.rank_rates, s.seconds, work, "rank",
                        TARGET_RANK_P99_MS)
 
-        # a hot reload of the same paths in the middle of a steady load
+        # a hot reload of the same paths in the middle of a steady load the server holds: half the
+        # highest rate it held (the configured rate at most), so failures would be the reload's
+        held = [r["offered_rate"] for r in retrieval if r["held"]]
+        reload_rate = min(s.reload_rate, 0.5 * max(held)) if held else 0.25 * s.rates[0]
         loader = subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen", "--url", f"{base}/recommend", "--bodies", str(work / "bodies.jsonl"),
-             "--rate", str(s.reload_rate), "--max-seconds", str(s.reload_seconds),
-             "--count", str(int(s.reload_rate * s.reload_seconds)), "--out", str(work / "reload-load.json")],
+             "--rate", str(reload_rate), "--max-seconds", str(s.reload_seconds),
+             "--count", str(int(reload_rate * s.reload_seconds)), "--out", str(work / "reload-load.json")],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         time.sleep(s.reload_seconds / 4)
         status, answer, reload_s = post(f"{base}/admin/reload", {})
         loader.wait()
         under = json.loads((work / "reload-load.json").read_text())
-        reload = {"status": status, "reload_s": reload_s, "ok": answer.get("ok", False), "rate": s.reload_rate,
+        reload = {"status": status, "reload_s": reload_s, "ok": answer.get("ok", False), "rate": reload_rate,
                   "sent": under["sent"], "completed": under["completed"], "errors": under["errors"],
                   "errors_by_kind": under["errors_by_kind"], "p50_ms": under["p50_ms"], "p99_ms": under["p99_ms"],
                   "max_ms": under["max_ms"]}
-        log.info("hot reload under %.0f/s: %s in %.1fs, %d errors of %d", s.reload_rate, status, reload_s,
+        log.info("hot reload under %.0f/s: %s in %.1fs, %d errors of %d", reload_rate, status, reload_s,
                  under["errors"], under["sent"])
         memory_after = proc_status(proc.pid)
     finally:

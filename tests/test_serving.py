@@ -405,3 +405,31 @@ def test_dice_scoring_path_is_batch_norm_with_running_statistics():
         got = d(s)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(d(s), want, atol=1e-6, rtol=1e-5)  # with grad enabled: the training form
+
+
+def test_batcher_sheds_what_it_cannot_queue():
+    from retrieval.server.batcher import Overloaded
+
+    release = threading.Event()
+
+    def handle(items):
+        release.wait(5)
+        return items
+
+    b = MicroBatcher(handle, max_batch=1, max_wait_s=0, max_queue=2)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.05)  # taken by the worker, which now blocks: nothing waits
+        queued = [asyncio.ensure_future(b.submit([i])) for i in (2, 3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="2 requests already wait"):
+            await b.submit([4])
+        release.set()
+        return await asyncio.gather(first, *queued)
+
+    try:
+        assert run_async(main()) == [[1], [2], [3]]
+    finally:
+        release.set()
+        b.close()

@@ -21,7 +21,8 @@ connections, lets every request in flight finish (up to `drain_s`), then exits.
 
 Every error is one line of JSON, {"error": "..."}: 400 malformed JSON or a bad header,
 413 a body over `max_body_bytes`, 422 a value out of range or of the wrong type, 503 not
-loaded yet; never a traceback.
+loaded yet or overloaded (more than `max_queue` requests already wait for the model: shed
+at once rather than queued without bound); never a traceback.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from retrieval.serving import (
 )
 from retrieval.serving import Response as Answer
 from retrieval.serving import set_threads
-from retrieval.server.batcher import BatcherClosed, MicroBatcher
+from retrieval.server.batcher import BatcherClosed, MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ServeConfig:
     max_wait_ms: float = 1.0  # longest a request waits for others to join its batch
     threads: int = 1  # torch and FAISS threads of the worker (one core for it, one for HTTP)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_queue: int = 2000  # requests waiting for the model beyond which new ones get 503 (load shedding)
     drain_s: float = 30.0  # on SIGTERM, longest wait for requests in flight
 
 
@@ -213,6 +215,7 @@ class Metrics:
         self.reloads = Counter("retrieve_reloads", "Reloads by outcome", ["outcome"], registry=r)
         self.model = Info("retrieve_model", "The artifacts being served", registry=r)
         self.ready = Gauge("retrieve_ready", "1 once the artifacts are loaded", registry=r)
+        self.waiting = Gauge("retrieve_batch_queue_requests", "Requests waiting for the model", registry=r)
         self.loaded_at = Gauge("retrieve_model_loaded_timestamp_seconds", "When the served artifacts were swapped in", registry=r)
 
     def serving(self, rec: Recommender, paths: ServeConfig) -> None:
@@ -245,7 +248,7 @@ class Server:
 
     async def start(self) -> None:
         self.batcher = MicroBatcher(self._handle, max_batch=self.config.max_batch,
-                                    max_wait_s=self.config.max_wait_ms / 1000,
+                                    max_wait_s=self.config.max_wait_ms / 1000, max_queue=self.config.max_queue,
                                     on_start=lambda: set_threads(self.config.threads), on_batch=self._on_batch)
         self._spawn(self._initial_load())
 
@@ -337,6 +340,7 @@ class Server:
     # --- the worker thread's batch
 
     def _on_batch(self, size: int, waited_s: float) -> None:
+        self.metrics.waiting.set(self.batcher.waiting if self.batcher is not None else 0)
         self.metrics.batch.observe(size)
         self.metrics.queued.observe(waited_s)
 
@@ -480,6 +484,10 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(BatcherClosed)
     async def _closing(request: Any, err: BatcherClosed) -> JSONResponse:
+        return error(503, str(err))
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Any, err: Overloaded) -> JSONResponse:
         return error(503, str(err))
 
     @app.exception_handler(ReloadBusy)

@@ -5,7 +5,8 @@ every job already queued, then waits for more until the batch holds `max_batch` 
 `max_wait_s` has passed since the oldest job arrived, and runs the whole batch with one
 call of `handle` (one interest forward and one FAISS search). Under load the queue fills
 while a batch runs, so batches grow without waiting; at a trickle a request waits at
-most `max_wait_s` for company. Results go back to each job's event loop thread-safely.
+most `max_wait_s` for company. With `max_queue`, a submission that would leave more items
+waiting raises Overloaded at once (the server answers 503) instead of queueing without bound. Results go back to each job's event loop thread-safely.
 
 `handle(items) -> results` returns one result per item, in order: a value, or an
 exception instance, which `submit` raises for the job holding that item (other jobs of
@@ -44,17 +45,23 @@ class BatcherClosed(RuntimeError):
     """The batcher has stopped and takes no more work."""
 
 
+class Overloaded(RuntimeError):
+    """More items wait than the batcher accepts: the caller should shed the request."""
+
+
 class MicroBatcher(Generic[T, R]):
     """One worker thread that runs `handle` on coalesced batches of submitted items."""
 
     def __init__(self, handle: Callable[[list[T]], list[R | BaseException]], max_batch: int = 64,
-                 max_wait_s: float = 0.001, on_start: Callable[[], None] | None = None,
+                 max_wait_s: float = 0.001, max_queue: int | None = None, on_start: Callable[[], None] | None = None,
                  on_batch: Callable[[int, float], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        self.handle, self.max_batch, self.max_wait_s = handle, max_batch, max_wait_s
+        self.handle, self.max_batch, self.max_wait_s, self.max_queue = handle, max_batch, max_wait_s, max_queue
+        self.waiting = 0  # items submitted and not yet taken into a batch
+        self._count = threading.Lock()  # the loop thread adds to `waiting`, the worker takes from it
         self.on_start, self.on_batch = on_start, on_batch  # on_batch(items, seconds the oldest job queued)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -66,6 +73,10 @@ class MicroBatcher(Generic[T, R]):
         exception the handler returned for any of them."""
         if self._closed:
             raise BatcherClosed("the server is shutting down")
+        with self._count:
+            if self.max_queue is not None and self.waiting + len(items) > self.max_queue:
+                raise Overloaded(f"overloaded: {self.waiting} requests already wait for the model")
+            self.waiting += len(items)
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(items, loop.create_future(), loop)
         self._queue.put(job)
@@ -110,6 +121,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _run_batch(self, jobs: list[_Job[T]]) -> None:
         items = [x for job in jobs for x in job.items]
+        with self._count:
+            self.waiting -= len(items)
         if self.on_batch is not None:
             self.on_batch(len(items), time.perf_counter() - jobs[0].queued)
         try:
