@@ -333,3 +333,35 @@ def test_serve_checks_its_paths_before_starting(invoke, index_k4, tmp_path):
 
     result = invoke("serve", "--bundle", tmp_path / "nowhere", "--index", index_k4)
     assert_clean_error(result, f"{tmp_path / 'nowhere'}: not a directory")
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_the_fast_path_answers_as_the_framework_routes(bundle_k4, index_k4):
+    """/recommend, /recommend/batch and /healthz are served beside FastAPI; with fast_path off the
+    FastAPI routes serve them: the same statuses and bodies either way (in process)."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.server.app import ServeConfig, create_app
+
+    cases = [("POST", "/recommend", {"user": USER, "n": 5, "explain": True}),
+             ("POST", "/recommend", {"history": ["i00001", "zz"], "n": 3}),
+             ("POST", "/recommend/batch", {"requests": [{"user": USER, "n": 2}, {"history": [], "n": 1}]}),
+             ("POST", "/recommend", {"user": USER, "n": 0}),
+             ("POST", "/recommend", {"user": USER, "rank": True}),
+             ("POST", "/recommend", b'{"user": '),
+             ("GET", "/healthz", None)]
+    answers = []
+    for fast in (True, False):
+        app = create_app(ServeConfig(bundle=bundle_k4, index=index_k4, fast_path=fast))
+        with TestClient(app) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            got = []
+            for method, path, body in cases:
+                r = c.request(method, path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+                got.append((r.status_code, r.headers["content-type"], r.json()))
+            answers.append(got)
+    assert answers[0] == answers[1]
+    assert [a[0] for a in answers[0]] == [200, 200, 200, 422, 422, 400, 200]
