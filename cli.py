@@ -1,18 +1,23 @@
 """`retrieve`: train MIND on a behaviour log, build a FAISS item index, query it, evaluate offline.
 
 The CLI only parses arguments, calls the library and prints. Bad input ends with one
-line on stderr and exit code 2, never a traceback.
+line on stderr and exit code 2, never a traceback. A command that writes claims its
+--out first (`_claim`), before any work: see retrieval/artifacts.py for what it may
+replace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
@@ -31,16 +36,33 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+_outputs: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("_outputs")
+
+
+def _claim(out: Path, kind: str, inputs: tuple[Optional[Path], ...] = (), force: bool = False) -> None:
+    """Claim the command's output before any work (`retrieval.artifacts.claim_output`): a bad
+    --out fails here at no cost, and the lock is held until the command ends."""
+    from retrieval.artifacts import claim_output
+
+    _outputs.get().enter_context(claim_output(out, kind, inputs, force))
+
+
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's RetrievalError, or an OS error on a path (an --out under a file, no
-    permission, disk full), into one line on stderr and exit code 2."""
+    permission, disk full), into one line on stderr and exit code 2; release the outputs the
+    command claimed when it ends, however it ends."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from retrieval.errors import RetrievalError
 
         try:
-            return fn(*args, **kwargs)
+            with contextlib.ExitStack() as outputs:
+                token = _outputs.set(outputs)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    _outputs.reset(token)
         except RetrievalError as err:
             _fail(str(err))
         except OSError as err:
@@ -72,9 +94,81 @@ def _columns(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(c.strip() for c in value.split(",") if c.strip())
 
 
+def _non_negative(value: float) -> float:
+    """A float option's check: typer's own min= lets NaN through (and names the bound instead)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+NEG_ALPHA_MAX = 4.0  # |alpha| beyond this puts every draw on a few items (and (count + 1)^alpha overflows)
+
+
+def _neg_alpha(value: float) -> float:
+    if not (math.isfinite(value) and abs(value) <= NEG_ALPHA_MAX):
+        raise typer.BadParameter(f"must be a finite number in [-{NEG_ALPHA_MAX:g}, {NEG_ALPHA_MAX:g}], got {value}")
+    return value
+
+
+def _data_spec(interactions: Path, items: Optional[Path], users: Optional[Path], user_col: str, item_col: str,
+               time_col: str, item_features: Optional[str], user_features: Optional[str]) -> Any:
+    from retrieval.data import DataSpec
+
+    return DataSpec(interactions, items, users, user_col, item_col, time_col,
+                    item_features=_columns(item_features), user_features=_columns(user_features))
+
+
+SEED_MAX = 2**32 - 1  # seeds numpy and torch both take
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated split seeds, at least one, each in [0, SEED_MAX], none twice."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {text!r}")
+    if not seeds:
+        _fail(f"--seeds names no split seed, got {text!r}; give at least one, e.g. 2026")
+    for s in seeds:
+        if not 0 <= s <= SEED_MAX:
+            _fail(f"--seeds must be integers in [0, {SEED_MAX}], got {s}")
+    if len(set(seeds)) < len(seeds):
+        _fail(f"--seeds repeats a seed, got {text!r}")
+    return seeds
+
+
+# Options shared by several commands, declared once. The choices mirror the library's
+# Literal types (data.synthetic.Format / Method, retrieval.ranking.models.RankerName);
+# tests/test_misuse.py checks they agree. Typer validates and lists them.
 Interactions = Annotated[Path, typer.Option(help="Interaction log (CSV or Parquet): user, item, timestamp.")]
 Items = Annotated[Optional[Path], typer.Option(help="Item side file: id, optional title, feature columns.")]
 Users = Annotated[Optional[Path], typer.Option(help="User-profile file: id and profile columns.")]
+UserCol = Annotated[str, typer.Option(help="User id column.")]
+ItemCol = Annotated[str, typer.Option(help="Item id column.")]
+TimeCol = Annotated[str, typer.Option(help="Timestamp column (numeric).")]
+ItemFeatures = Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns of --items (default: all but id and title).")]
+UserFeatures = Annotated[Optional[str], typer.Option(help="Comma-separated profile columns of --users (default: all but id).")]
+Interests = Annotated[int, typer.Option("--interests", "-k", min=1, help="K: most interest vectors per user.")]
+Dim = Annotated[int, typer.Option(min=2, help="D: embedding size.")]
+MaxLen = Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")]
+Pow = Annotated[float, typer.Option(callback=_non_negative, help="Label-aware attention power p (0 = mean).")]
+HardAttention = Annotated[bool, typer.Option("--hard-attention/--power-attention", help="Label-aware attention: the best-matching interest (default, best on validation) or softmax(s^p) with --pow.")]
+Epochs = Annotated[int, typer.Option(min=1, help="Most epochs.")]
+BatchSize = Annotated[int, typer.Option(min=1)]
+Lr = Annotated[float, typer.Option(callback=_non_negative, help="Adam learning rate.")]
+Negatives = Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")]
+NegAlpha = Annotated[float, typer.Option(callback=_neg_alpha, help="Negatives drawn ∝ (frequency + 1)^alpha, alpha in [-4, 4] (0 = uniform, 1 = by popularity).")]
+Patience = Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")]
+Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Training seed.")]
+SplitSeed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="The protocol's user-split seed.")]
+Seeds = Annotated[str, typer.Option(help="Comma-separated split seeds.")]
+Merge = Annotated[Literal["best", "share"], typer.Option(help="Merge of the interests' results: best (each item's best score) or share (slots per interest).")]
+Part = Annotated[Literal["test", "validation"], typer.Option(help="Held-out users: test or validation.")]
+RankerModel = Annotated[Literal["base", "din", "dmin", "dien", "dsin"], typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")]
+NegativeSource = Annotated[Literal["uniform", "retrieval"], typer.Option(help="uniform (never-touched items) or retrieval (the retriever's top-M).")]
+DataFormat = Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format.")]
+GenerateMethod = Annotated[Literal["per_user", "vectorised"], typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an artifact of another kind at --out (never a directory or file that is not an artifact, nor an input).")]
 
 
 @app.command()
@@ -83,27 +177,25 @@ def generate(
     out: Annotated[Path, typer.Option(help="Directory for interactions, items and users (.csv or .parquet) and planted.json.")] = Path("runs/demo/data"),
     users: Annotated[int, typer.Option(min=10, help="Number of users.")] = 2000,
     items: Annotated[int, typer.Option(min=50, help="Number of items.")] = 3000,
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Generator seed.")] = 0,
     topics: Annotated[int, typer.Option(min=1, help="Planted item topics.")] = 40,
     min_len: Annotated[int, typer.Option(min=1, help="Fewest behaviours per user.")] = 20,
     mean_len: Annotated[float, typer.Option(min=1, help="Mean behaviours per user (before clipping).")] = 60.0,
     max_len: Annotated[int, typer.Option(min=1, help="Most behaviours per user.")] = 150,
-    format: Annotated[str, typer.Option("--format", help="File format: csv or parquet.")] = "csv",
-    method: Annotated[str, typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")] = "per_user",
+    format: DataFormat = "csv",
+    method: GenerateMethod = "per_user",
+    force: Force = False,
 ) -> None:
     """Write the embedded synthetic behaviour log (users with planted multiple interests)."""
-    from data.synthetic import SyntheticConfig, generate as gen
+    from data.synthetic import KIND, SyntheticConfig, generate as gen
 
-    if format not in ("csv", "parquet"):
-        _fail(f"--format must be csv or parquet, got {format!r}")
-    if method not in ("per_user", "vectorised"):
-        _fail(f"--method must be per_user or vectorised, got {method!r}")
     try:
         config = SyntheticConfig(n_users=users, n_items=items, seed=seed, n_topics=topics, min_len=min_len,
-                                 mean_len=mean_len, max_len=max_len, method=method)  # type: ignore[arg-type]
-        paths = gen(out, config, fmt=format)  # type: ignore[arg-type]
+                                 mean_len=mean_len, max_len=max_len, method=method)
     except ValueError as err:
         _fail(str(err))
+    _claim(out, KIND, force=force)
+    paths = gen(out, config, fmt=format)
     for name, p in paths.items():
         typer.echo(f"{name}: {p}")
 
@@ -115,36 +207,36 @@ def train(
     out: Annotated[Path, typer.Option(help="Model bundle directory to write.")],
     items: Items = None,
     users: Users = None,
-    user_col: Annotated[str, typer.Option(help="User id column.")] = "user_id",
-    item_col: Annotated[str, typer.Option(help="Item id column.")] = "item_id",
-    time_col: Annotated[str, typer.Option(help="Timestamp column (numeric).")] = "timestamp",
-    item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns (default: all but id and title).")] = None,
-    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns (default: all but id).")] = None,
-    interests: Annotated[int, typer.Option("--interests", "-k", min=1, help="K: most interest vectors per user.")] = 4,
-    dim: Annotated[int, typer.Option(min=2, help="D: embedding size.")] = 64,
-    max_len: Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")] = 50,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    item_features: ItemFeatures = None,
+    user_features: UserFeatures = None,
+    interests: Interests = 4,
+    dim: Dim = 64,
+    max_len: MaxLen = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
-    pow: Annotated[float, typer.Option(min=0, help="Label-aware attention power p (0 = mean).")] = 2.0,
-    hard_attention: Annotated[bool, typer.Option("--hard-attention/--power-attention", help="Label-aware attention: the best-matching interest (default, best on validation) or softmax(s^p) with --pow.")] = True,
-    epochs: Annotated[int, typer.Option(min=1, help="Most epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
-    negatives: Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")] = 512,
-    neg_alpha: Annotated[float, typer.Option(help="Negatives drawn ∝ frequency^alpha (0 = uniform).")] = 1.0,
-    patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")] = 3,
-    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    split_seed: Annotated[int, typer.Option(help="The protocol's user-split seed.")] = 2026,
-    merge: Annotated[str, typer.Option(help="Merge of interests for validation: best or share.")] = "best",
+    pow: Pow = 2.0,
+    hard_attention: HardAttention = True,
+    epochs: Epochs = 30,
+    batch_size: BatchSize = 256,
+    lr: Lr = 3e-3,
+    negatives: Negatives = 512,
+    neg_alpha: NegAlpha = 1.0,
+    patience: Patience = 3,
+    seed: Seed = 0,
+    split_seed: SplitSeed = 2026,
+    merge: Merge = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
+    force: Force = False,
 ) -> None:
     """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
-    from retrieval.data import DataSpec, load_dataset, split_users
+    from retrieval.bundle import KIND
+    from retrieval.data import load_dataset, split_users
     from retrieval.train import TrainConfig, model_config_for, train as run_train
 
-    if merge not in ("best", "share"):
-        _fail(f"--merge must be best or share, got {merge!r}")
-    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
-                    item_features=_columns(item_features), user_features=_columns(user_features))
+    spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
+    _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
     split = split_users(ds, split_seed)
     cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
@@ -165,14 +257,16 @@ def build_index_cmd(
     target_recall: Annotated[Optional[float], typer.Option(help="Raise nprobe (IVF) or efSearch (HNSW) until the served top-N of sampled validation users reaches this recall against exact search; the choice is recorded in the manifest and used by query. An index without such a parameter (Flat, PQ) is measured once and must reach it as it is.")] = None,
     tune_users: Annotated[int, typer.Option(min=1, help="Validation users sampled for --target-recall.")] = 1000,
     tune_n: Annotated[int, typer.Option(min=1, help="N of the recall@N that --target-recall measures.")] = 50,
+    force: Force = False,
 ) -> None:
     """Embed every item with the trained model and write a FAISS inner-product index."""
-    from index.faiss_index import build_index, save_index
+    from index.faiss_index import KIND, build_index, save_index
     from index.tuning import check_target_recall, tune_on_validation
     from retrieval.bundle import load_bundle
 
     if target_recall is not None:
         check_target_recall(target_recall)
+    _claim(out, KIND, (bundle,), force)
     b = load_bundle(bundle)
     vectors = b.model.item_vectors().detach().numpy()
     index = build_index(vectors, factory)
@@ -192,7 +286,13 @@ def build_index_cmd(
 def _read_users_file(path: Path) -> list[str]:
     if not path.is_file():
         _fail(f"{path}: file not found")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
+        _fail(f"{path}: not a text file of user ids (one per line)")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         _fail(f"{path}: no user ids (one per line)")
     return ids
@@ -207,7 +307,7 @@ def query(
     users_file: Annotated[Optional[Path], typer.Option(help="File of user ids, one per line.")] = None,
     history: Annotated[Optional[str], typer.Option("--history", help="Comma-separated item ids, oldest first: new behaviours appended to --user's stored ones, or alone a new user's. Ids not in the vocabulary are dropped (and listed); with none left, the most popular items are returned.")] = None,
     n: Annotated[int, typer.Option("-n", min=1, help="Items to return per user.")] = 10,
-    merge: Annotated[str, typer.Option(help="Merge of interests: best or share.")] = "best",
+    merge: Merge = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
@@ -231,12 +331,10 @@ def query(
         _fail("give --user, --users-file or --history")
     if users_file is not None and history is not None:
         _fail("--history goes with --user or alone, not with --users-file")
-    if merge not in ("best", "share"):
-        _fail(f"--merge must be best or share, got {merge!r}")
     if n > MAX_N:
         _fail(f"-n must be at most {MAX_N}, got {n}")
-    if rank is not None and candidates < n:
-        _fail(f"--candidates ({candidates}) must be at least -n ({n})")
+    if rank is not None and n > candidates:
+        _fail(f"-n {n} is more than --candidates {candidates}: the ranker reorders only the candidates retrieved")
     b = load_bundle(bundle)
     clock.lap("load_bundle")
     idx, manifest = load_index(index, b.fingerprint)
@@ -323,7 +421,7 @@ def serve(
     ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle trained beside it: enables rank=true.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    merge: Annotated[str, typer.Option(help="Merge of interests: best or share.")] = "best",
+    merge: Merge = "best",
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests coalesced into one model call.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a request waits for others to join its batch (ms).")] = 1.0,
     threads: Annotated[int, typer.Option(min=1, help="torch and FAISS threads of the model worker.")] = 1,
@@ -338,8 +436,6 @@ def serve(
     loaded; POST /admin/reload or SIGHUP reloads; SIGTERM drains. The explorer page is at /."""
     from retrieval.server.app import ServeConfig, serve as run_server
 
-    if merge not in ("best", "share"):
-        _fail(f"--merge must be best or share, got {merge!r}")
     for p in (bundle, index, ranker):
         if p is not None and not p.is_dir():
             _fail(f"{p}: not a directory")
@@ -355,10 +451,11 @@ def evaluate(
     bundle: Annotated[Path, typer.Option(help="MIND model bundle.")],
     index: Annotated[Optional[Path], typer.Option(help="Index built from the bundle (default: exact search in memory).")] = None,
     k1_bundle: Annotated[Optional[Path], typer.Option(help="The same MIND trained with --interests 1, as a baseline.")] = None,
-    part: Annotated[str, typer.Option(help="Held-out users: test or validation.")] = "test",
+    part: Part = "test",
     out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
     ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle: add AUC / GAUC and two-stage metrics.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates the ranker reorders.")] = 200,
+    force: Force = False,
 ) -> None:
     """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol).
 
@@ -367,10 +464,10 @@ def evaluate(
     from index.faiss_index import load_index
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
-    from retrieval.evaluate import evaluate_bundles, format_table
+    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, format_table
 
-    if part not in ("test", "validation"):
-        _fail(f"--part must be test or validation, got {part!r}")
+    if out:
+        _claim(out, REPORT_KIND, (bundle, index, k1_bundle, ranker), force)
     b = load_bundle(bundle)
     idx = load_index(index, b.fingerprint)[0] if index else None
     k1 = load_bundle(k1_bundle) if k1_bundle else None
@@ -407,28 +504,25 @@ def evaluate(
 def train_ranker_cmd(
     bundle: Annotated[Path, typer.Option(help="Retrieval bundle: its data, split and (for hard negatives) model.")],
     out: Annotated[Path, typer.Option(help="Ranker bundle directory to write.")],
-    model: Annotated[str, typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")] = "din",
+    model: RankerModel = "din",
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    lr: Lr = 1e-3,
     negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
-    negative_source: Annotated[str, typer.Option(help="uniform (never-touched items) or retrieval (the retriever's top-M).")] = "uniform",
+    negative_source: NegativeSource = "uniform",
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user for hard negatives.")] = 200,
     dim: Annotated[int, typer.Option(min=2, help="Embedding size per field.")] = 16,
     max_len: Annotated[int, typer.Option(min=1)] = 50,
     patience: Annotated[int, typer.Option(min=1)] = 2,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
+    force: Force = False,
 ) -> None:
     """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
     from retrieval.bundle import load_bundle
-    from retrieval.ranking.bundle import save_ranker
-    from retrieval.ranking.models import NAMES
+    from retrieval.ranking.bundle import KIND, save_ranker
     from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
 
-    if model not in NAMES:
-        _fail(f"--model must be one of {', '.join(NAMES)}, got {model!r}")
-    if negative_source not in ("uniform", "retrieval"):
-        _fail(f"--negative-source must be uniform or retrieval, got {negative_source!r}")
+    _claim(out, KIND, (bundle,), force)
     b = load_bundle(bundle)
     cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
                           negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
@@ -451,38 +545,36 @@ def experiment(
     out: Annotated[Path, typer.Option(help="JSON report to write.")],
     items: Items = None,
     users: Users = None,
-    user_col: Annotated[str, typer.Option(help="User id column.")] = "user_id",
-    item_col: Annotated[str, typer.Option(help="Item id column.")] = "item_id",
-    time_col: Annotated[str, typer.Option(help="Timestamp column (numeric).")] = "timestamp",
-    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
-    item_features: Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns.")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
-    interests: Annotated[int, typer.Option("--interests", "-k", min=1)] = 4,
-    dim: Annotated[int, typer.Option(min=2)] = 64,
-    max_len: Annotated[int, typer.Option(min=1)] = 50,
-    pow: Annotated[float, typer.Option(min=0)] = 2.0,
-    hard_attention: Annotated[bool, typer.Option("--hard-attention/--power-attention")] = True,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
-    negatives: Annotated[int, typer.Option(min=1)] = 512,
-    neg_alpha: Annotated[float, typer.Option()] = 1.0,
-    patience: Annotated[int, typer.Option(min=1)] = 3,
-    seed: Annotated[int, typer.Option()] = 0,
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+    seeds: Seeds = "2026,2027,2028,2029,2030",
+    interests: Interests = 4,
+    dim: Dim = 64,
+    max_len: MaxLen = 50,
+    pow: Pow = 2.0,
+    hard_attention: HardAttention = True,
+    epochs: Epochs = 30,
+    batch_size: BatchSize = 256,
+    lr: Lr = 3e-3,
+    negatives: Negatives = 512,
+    neg_alpha: NegAlpha = 1.0,
+    patience: Patience = 3,
+    seed: Seed = 0,
+    force: Force = False,
 ) -> None:
     """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
     from retrieval.artifacts import atomic_write_json
-    from retrieval.data import DataSpec, load_dataset
+    from retrieval.data import load_dataset
     from retrieval.evaluate import format_table
-    from retrieval.experiment import run_experiment
+    from retrieval.experiment import KIND, run_experiment
     from retrieval.train import TrainConfig
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        _fail(f"--seeds must be comma-separated integers, got {seeds!r}")
-    spec = DataSpec(interactions, items, users, user_col, item_col, time_col,
-                    item_features=_columns(item_features), user_features=_columns(user_features))
+    seed_list = _seed_list(seeds)
+    spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
+    _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
     settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
                 "attention": "hard" if hard_attention else "power", "seed": seed}
@@ -503,30 +595,35 @@ def experiment_rankers(
     out: Annotated[Path, typer.Option(help="JSON report to write.")],
     items: Items = None,
     users: Users = None,
-    user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
+    user_col: UserCol = "user_id",
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "timestamp",
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+    seeds: Seeds = "2026,2027,2028,2029,2030",
     rankers: Annotated[str, typer.Option(help="Comma-separated rankers or variants (name:key=value;key=value).")] = (
         "base,din,dmin,dien,dien:aux_weight=0,dien:evolution=aigru,dien:evolution=agru,dsin"),
     epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs.")] = 10,
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
+    force: Force = False,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
-    from retrieval.data import DataSpec, load_dataset
-    from retrieval.ranking.experiment import format_ranker_table, parse_variant, run_ranker_experiment
+    from retrieval.data import load_dataset
+    from retrieval.ranking.experiment import KIND, format_ranker_table, parse_variant, run_ranker_experiment
     from retrieval.ranking.train import RankTrainConfig
     from retrieval.train import TrainConfig
 
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        variants = [v for v in rankers.split(",") if v.strip()]
-        for v in variants:
-            parse_variant(v)
-    except ValueError as err:
-        _fail(str(err) if "ranker" in str(err) else f"--seeds must be comma-separated integers, got {seeds!r}")
-    spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
+    seed_list = _seed_list(seeds)
+    variants = [v for v in rankers.split(",") if v.strip()]
+    if not variants:
+        _fail(f"--rankers names no ranker, got {rankers!r}")
+    for v in variants:
+        parse_variant(v)  # ConfigError: one line, before any work
+    spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
+    _claim(out, KIND, (interactions, items, users), force)
     ds = load_dataset(spec)
     report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
                                    RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,

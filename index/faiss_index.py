@@ -24,12 +24,12 @@ import faiss
 import numpy as np
 
 from retrieval.artifacts import (
-    MANIFEST,
+    MANIFEST_CHECKSUM,
     atomic_dir,
-    atomic_write_json,
     file_fingerprint,
     package_versions,
     read_manifest,
+    write_manifest,
 )
 from retrieval.errors import ArtifactError, RetrievalError
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 KIND = "index"
 METRIC = "inner_product"
-_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256")
+_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256", MANIFEST_CHECKSUM)
 
 
 def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -51,11 +51,7 @@ def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
     N, d = xb.shape
     if N == 0:
         raise RetrievalError("cannot build an index over 0 item vectors")
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        reason = _faiss_reason(err)
-        raise RetrievalError(f"bad faiss index factory {factory!r} for d={d}: {reason}") from None
+    index = empty_index(factory, d)
     if not index.is_trained:
         nlist = _nlist(index)
         if nlist is not None and N < nlist:
@@ -74,6 +70,49 @@ def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
     return index
 
 
+def empty_index(factory: str, d: int) -> faiss.Index:
+    """The untrained, empty index of a factory string, refused (RetrievalError) unless the
+    serving path can use it: inner product, and faiss ids that are row positions (no IDMap,
+    which would need ids from the caller). Cheap: nothing is trained or added."""
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = _faiss_reason(err)
+        if _builds(lambda: faiss.index_binary_factory(d, factory)):
+            reason = "a binary index (Hamming distance) cannot serve inner-product queries"
+        elif _builds(lambda: faiss.index_factory(d, factory, faiss.METRIC_L2)):
+            reason = "this index supports only L2 distance, not the inner product the query path uses"
+        raise RetrievalError(f"bad faiss index factory {factory!r} for d={d}: {reason}") from None
+    reason = _unservable(index)
+    if reason is not None:
+        raise RetrievalError(f"index factory {factory!r} cannot serve queries: {reason}")
+    return index
+
+
+def _builds(make: Any) -> bool:
+    try:
+        make()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _unservable(index: faiss.Index) -> str | None:
+    """Why the query path cannot use `index`, or None when it can."""
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return f"its metric is not inner product (faiss metric {index.metric_type})"
+    while True:
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            return "an IDMap takes its ids from the caller, but the query path reads faiss ids as item rows; drop the IDMap"
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return None
+
+
 def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomically write out_dir/index.faiss and out_dir/manifest.json.
 
@@ -90,10 +129,16 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
     if clash:
         raise ValueError(f"manifest fields {clash} are written by save_index itself")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        atomic_write_json(
-            tmp / MANIFEST,
+    with atomic_dir(out_dir, KIND) as tmp:
+        # Through a Python file: faiss's own writer ignores a failed fclose, so a full disk can
+        # leave a truncated index without an error; here every failed write raises OSError.
+        try:
+            with open(tmp / INDEX_FILE, "wb") as f:
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        except RuntimeError as err:
+            raise ArtifactError(f"{out_dir}: writing the index failed ({_faiss_reason(err)}); nothing was replaced") from None
+        write_manifest(
+            tmp,
             {
                 "kind": KIND,
                 "factory": manifest.get("factory") or _factory_string(index),
@@ -138,10 +183,9 @@ def load_index(
             raise ArtifactError(
                 f"{path}: index has {name}={value}, manifest says {manifest.get(name)}"
             )
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ArtifactError(
-            f"{path}: not an inner-product index (faiss metric {index.metric_type})"
-        )
+    reason = _unservable(index)
+    if reason is not None:
+        raise ArtifactError(f"{path}: the query path cannot use this index: {reason}")
     name, value = manifest.get("search_param"), manifest.get("search_value")
     if name is not None:  # the setting chosen by build-index --target-recall
         try:

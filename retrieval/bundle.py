@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from retrieval.artifacts import (
-    MANIFEST,
     atomic_dir,
     command_line,
     dir_fingerprint,
     package_versions,
     read_manifest,
+    write_manifest,
 )
 from retrieval.data import Dataset, Split, split_users
 from retrieval.errors import ArtifactError
@@ -68,7 +68,7 @@ def save_bundle(
     out: Path, model: Retriever, ds: Dataset, split: Split, config: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write the bundle directory atomically; returns its manifest."""
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), KIND) as tmp:
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         (tmp / "model.pt").write_bytes(buf.getvalue())
@@ -87,7 +87,7 @@ def save_bundle(
             "bundle_fingerprint": dir_fingerprint(tmp),
             **(extra or {}),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = write_manifest(tmp, manifest)
     return manifest
 
 

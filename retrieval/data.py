@@ -4,6 +4,13 @@ Every retrieval and ranking figure rests on this module, so bad input stops here
 one line that names the file, the column and the bad value (`DataError`), and the
 split follows `shared/eval-protocol.md` exactly.
 
+Rows repeated exactly (same user, item and timestamp) are dropped, with one log line
+saying how many; the same item again at another time is a real repeat and is kept.
+Side files' ids are read with the log's id type: when the log's ids are integers, a
+side id `1.0` (or a float column of a Parquet file) is the item `1`; when most ids of a
+side file match nothing in the log, the file is refused (DataError) rather than every
+item losing its features.
+
 Encoding: items get indices 1..N in the sorted order of their raw ids (0 is padding);
 users get 0..U-1 likewise. Raw ids are kept as strings; when every id of a column is an
 integer the sort is numeric, so MovieLens ids sort as numbers and the protocol's
@@ -21,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from retrieval.artifacts import file_fingerprint
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,12 @@ class DataSpec:
     item_features: tuple[str, ...] | None = None  # item feature columns; None = every other column
     user_features: tuple[str, ...] | None = None  # profile columns; None = every other column
     separator: str = "|"  # multi-valued features are joined by this (MovieLens genres)
+
+    def __post_init__(self) -> None:
+        for features, side, what in ((self.item_features, self.items, "item features {} need an items file (--items)"),
+                                     (self.user_features, self.users, "user features {} need a users file (--users)")):
+            if features and side is None:
+                raise ConfigError(what.format(",".join(features)))
 
 
 @dataclass
@@ -276,17 +289,51 @@ def _first_error(lf: pl.LazyFrame, spec: DataSpec, path: Path, time_expr: pl.Exp
     raise DataError(f"{path}: column {t!r} has an out-of-range timestamp {value!r} at row {row}")
 
 
-def _read_side(path: Path, id_col: str, kind: str) -> pl.DataFrame:
+def _read_side(path: Path, id_col: str, kind: str, log_ids: pl.Series) -> pl.DataFrame:
+    """A side file with its ids in the log's form (`log_ids`: the log's distinct ids of that
+    column); DataError when most of its ids match nothing in the log."""
     lf = _scan(path, [id_col])
     _require_columns(lf, path, [id_col])
     df = _collect(lf, path)
     if df.height == 0:
         raise DataError(f"{path}: no {kind} (the file has a header but no rows)")
     df = _string_ids(df, id_col, path)
+    df = _as_log_ids(df, id_col, log_ids)
     dup = df.get_column(id_col).is_duplicated()
     if dup.any():
         raise DataError(f"{path}: column {id_col!r} repeats the id {df.get_column(id_col).filter(dup)[0]!r}")
+    unmatched = ~df.get_column(id_col).is_in(log_ids.implode())
+    n_unmatched = int(unmatched.sum())
+    if 2 * n_unmatched > df.height:
+        example = df.get_column(id_col).filter(unmatched)[0]
+        raise DataError(
+            f"{path}: {n_unmatched} of {df.height} ids in column {id_col!r} match no {kind[:-1]} of the interaction "
+            f"log (e.g. {example!r}); the ids must be the log's"
+        )
+    if n_unmatched:
+        fate = "indexed without any behaviour" if kind == "items" else "ignored"
+        log.warning("%d %s of %s are not in the interaction log; they are %s", n_unmatched, kind, path, fate)
     return df
+
+
+def _as_log_ids(df: pl.DataFrame, col: str, log_ids: pl.Series) -> pl.DataFrame:
+    """Rewrite a side file's id column (strings) in the log's id form. When every log id is an
+    integer, a side id that is an integral number ("1.0", "1e3", " 7") becomes the log's
+    spelling of that integer; anything else (an exact match, "1.5", a non-integer log) is
+    left as it is, to match as a string or not at all."""
+    if not _numeric_ids(log_ids):
+        return df
+    log_keys = log_ids.cast(pl.Int64, strict=False)
+    if log_keys.null_count():  # an id beyond int64: compare as strings
+        return df
+    spelled = pl.DataFrame({"_key": log_keys, "_log": log_ids}).filter(~pl.col("_key").is_duplicated())
+    f = pl.col(col).cast(pl.Float64, strict=False)
+    integral = f.is_finite() & (f == f.floor()) & (f.abs() < 2.0**53)
+    key = pl.coalesce(pl.col(col).cast(pl.Int64, strict=False), pl.when(integral).then(f.cast(pl.Int64)))
+    df = df.with_columns(key.alias("_key")).join(spelled, on="_key", how="left", maintain_order="left")
+    exact = pl.col(col).is_in(log_ids.implode())
+    new = pl.when(exact).then(pl.col(col)).otherwise(pl.coalesce("_log", pl.col("_key").cast(pl.String), pl.col(col)))
+    return df.with_columns(new.alias(col)).drop("_key", "_log")
 
 
 def _feature_columns(df: pl.DataFrame, path: Path, chosen: tuple[str, ...] | None, skip: set[str]) -> list[str]:
@@ -332,12 +379,12 @@ def load_dataset(spec: DataSpec, seconds: dict[str, float] | None = None) -> Dat
     clock = _Stages(seconds)
     inter = read_interactions(spec)
     clock.lap("read_validate")
-    items_df = _read_side(spec.items, spec.item_col, "items") if spec.items else None
-    users_df = _read_side(spec.users, spec.user_col, "users") if spec.users else None
+    raw_items = inter.get_column("item").unique()  # distinct first: no copy of the E-row column
+    items_df = _read_side(spec.items, spec.item_col, "items", raw_items) if spec.items else None
+    users_df = _read_side(spec.users, spec.user_col, "users", inter.get_column("user").unique()) if spec.users else None
     clock.lap("read_side_files")
 
     # Item vocabulary: every interacted item plus every item of the side file.
-    raw_items = inter.get_column("item").unique()  # distinct first: no copy of the E-row column
     if items_df is not None:
         raw_items = pl.concat([raw_items, items_df.get_column(spec.item_col)])
     item_vocab = _sorted_vocab(raw_items)
@@ -372,7 +419,9 @@ class _Stages:
 
 def encode_interactions(inter: pl.DataFrame, item_vocab: pl.Series, user_vocab: pl.Series) -> Dataset:
     """Encode validated interactions (user, item, time) into per-user CSR sequences sorted by
-    (time, item index): items get 1..N in vocabulary order, users 0..U-1.
+    (time, item index): items get 1..N in vocabulary order, users 0..U-1. Rows repeated
+    exactly (user, item and time) are dropped, and the count logged; an item repeated at
+    another time is a real repeat behaviour and is kept.
 
     Ids become indices by hash joins against the vocabularies, then one sort; memory stays
     a few columns of E rows (int32 ids, int64 times)."""
@@ -386,15 +435,26 @@ def encode_interactions(inter: pl.DataFrame, item_vocab: pl.Series, user_vocab: 
         .sort(["user_idx", "time", "item_idx"])
         .collect()
     )
-    counts = np.bincount(enc.get_column("user_idx").to_numpy(), minlength=len(user_vocab))
+    users = enc.get_column("user_idx").to_numpy()  # (E,) sorted, so exact repeats are neighbours
+    items = enc.get_column("item_idx").to_numpy().astype(np.int32)
+    times = enc.get_column("time").to_numpy().astype(np.int64)
+    del enc
+    repeat = np.zeros(len(users), dtype=bool)
+    repeat[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1]) & (times[1:] == times[:-1])
+    n_repeat = int(repeat.sum())
+    if n_repeat:
+        keep = ~repeat
+        users, items, times = users[keep], items[keep], times[keep]
+        log.info("dropped %d duplicate rows (same user, item and timestamp); repeats at other times are kept", n_repeat)
+    counts = np.bincount(users, minlength=len(user_vocab))
     offsets = np.zeros(len(user_vocab) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     return Dataset(
         item_ids=np.concatenate([[PAD], item_vocab.to_numpy()]).astype(str),
         user_ids=user_vocab.to_numpy().astype(str),
         offsets=offsets,
-        items=enc.get_column("item_idx").to_numpy().astype(np.int32),
-        times=enc.get_column("time").to_numpy().astype(np.int64),
+        items=items,
+        times=times,
     )
 
 
@@ -449,6 +509,9 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
     """Split users as the protocol says: 80/10/10 by a seeded permutation of sorted user ids;
     val/test users keep the first floor(0.8 n) items (at least 1) as history."""
     n = ds.n_users
+    if n < 10:
+        raise DataError(f"the log has {n} users; the protocol's 80/10/10 user split needs at least 10 "
+                        "(one validation and one test user)")
     order = np.random.default_rng(seed).permutation(n)  # same draw as permuting the sorted ids
     n_train, n_val = (8 * n) // 10, n // 10  # floor(0.8 n), floor(0.1 n) in exact integers
     train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]

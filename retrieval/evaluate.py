@@ -25,6 +25,7 @@ from retrieval.retrievers import Retriever
 from retrieval.recommend import recommend
 from retrieval.samples import Histories
 
+REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
 
 
@@ -125,7 +126,7 @@ def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | Non
         max_len=bundle.config["model"]["max_len"],
     )
     return {
-        "kind": "retrieval-report",
+        "kind": REPORT_KIND,
         "dataset": bundle.config["data"]["interactions"],
         "data_fingerprint": bundle.manifest["data_fingerprint"],
         "split_seed": bundle.split.seed,

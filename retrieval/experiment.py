@@ -22,6 +22,8 @@ from retrieval.train import TrainConfig, model_config_for, train
 
 log = logging.getLogger(__name__)
 
+KIND = "retrieval-experiment"  # the "kind" of the JSON report `retrieve experiment --out` writes
+
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for a single value) of one figure over seeds."""
@@ -68,7 +70,7 @@ def run_experiment(
         for name in per_seed[0]["training"]
     }
     return {
-        "kind": "retrieval-experiment",
+        "kind": KIND,
         "dataset": str(spec.interactions),
         "data_fingerprint": ds.fingerprint,
         "split_seeds": list(seeds),

@@ -2,7 +2,9 @@
 
 Deterministic for a given seed (numpy and torch generators seeded, fixed thread count).
 Each time validation improves the bundle is rewritten atomically, so an interrupted run
-leaves the best bundle so far and never a half-written one.
+leaves the best bundle so far and never a half-written one. A loss that turns NaN or
+infinite, or explodes (`LossGuard`), stops training: the best epoch so far is kept, or,
+when there is none, a TrainingError says so and nothing is written.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 
 from retrieval.bundle import config_dict, save_bundle
 from retrieval.data import Dataset, DataSpec, Split, item_counts
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError, TrainingError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.mind import Batch, log_expected_counts
@@ -55,6 +57,96 @@ class TrainResult:
     best_epoch: int
     best_recall: float
     samples_per_s: float
+    diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
+
+
+class Diverged(Exception):
+    """A training step's loss, or the weights after an epoch, became NaN, infinite or exploded."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"{what} at step {step}")
+        self.step = step
+
+
+DIVERGENCE_FACTOR = 100.0  # a step loss this many times the run's first (and at least 1) means diverged
+
+
+class LossGuard:
+    """The divergence check of every training loop (MIND and rankers), one call per step.
+
+    A loss that turns NaN or infinite, or grows to DIVERGENCE_FACTOR times the run's first
+    step loss (floored at 1), is divergence: cross-entropy losses start near log(classes)
+    and a healthy run never multiplies them a hundredfold, while an exploding one (too
+    high a learning rate) gets there within a few steps, long before float32 overflows."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def check(self, loss: float, step: int) -> float:
+        """`loss` back when it is healthy, else Diverged."""
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss}", step)
+        if self.first is None:
+            self.first = loss
+        elif loss > DIVERGENCE_FACTOR * max(self.first, 1.0):
+            raise Diverged(f"the loss exploded to {loss:.4g} (the first step's was {self.first:.4g})", step)
+        return loss
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Diverged when the last step of an epoch left NaN or infinite weights (its own loss was finite)."""
+    with torch.no_grad():
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise Diverged("the weights became NaN or infinite", step)
+
+
+def stop_on_divergence(err: Diverged, epoch: int, best_epoch: int) -> str:
+    """What to do when training diverged: TrainingError when no epoch has been kept yet
+    (nothing was written), else a warning; returns the note for the result."""
+    note = f"{err} of epoch {epoch}"
+    if best_epoch == 0:
+        raise TrainingError(f"training diverged: {note}, before any epoch was kept; nothing was written "
+                            "(lower the learning rate)")
+    log.warning("training diverged: %s; stopped, keeping the best epoch %d", note, best_epoch)
+    return note
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits_in_memory(model_config: Any) -> None:
+    """ConfigError, before anything is allocated, when the model's float32 weights, gradients
+    and two Adam moments, plus the item vectors and exact index of validation, exceed the
+    memory available. The model is built on the meta device to count its parameters."""
+    n, d = model_config.n_items + 1, model_config.dim
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_retriever(model_config).parameters())
+    except (RuntimeError, ValueError, TypeError, OverflowError):  # sizes past what torch can even describe
+        raise ConfigError(f"the model does not fit in memory: D={d} over {n - 1:,} items is too large; lower --dim") from None
+    need = 4 * (4 * params + 2 * n * d)
+    available = available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"the model does not fit in memory: D={d} over {n - 1:,} items needs about {need / 2**30:,.1f} GiB "
+            f"(weights, gradients, optimizer state), {available / 2**30:,.1f} GiB is available; lower --dim"
+        )
 
 
 def validation_recall(model: Retriever, ds: Dataset, split: Split, n: int, merge: Merge) -> float:
@@ -158,10 +250,12 @@ class Setup:
     positions: np.ndarray  # (W,) target position of each window in its user's sequence
     sampler: NegativeSampler  # draws the S shared negatives of a step ∝ q
     log_q: torch.Tensor  # (N+1,) log(S q), the log-Q correction
+    guard: LossGuard = field(default_factory=LossGuard)  # stops a diverging run
 
 
 def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> Setup:
     """Seed, build the model and its optimizers, the training windows and the negative sampler."""
+    check_fits_in_memory(model_config)
     seeded(config.seed, config.threads)
     model = build_retriever(model_config, {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()})
     users, positions = training_positions(ds, split.train_users, split.history_len)
@@ -198,10 +292,11 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
     for s in range(steps):
         idx = order[s * batch_size : (s + 1) * batch_size]  # (B,)
         batch = make_batch(ds, st.users[idx], st.positions[idx], L, with_target=True)
-        loss_sum += train_step(model, st.opts, batch, st.sampler.draw(), st.log_q)
+        loss_sum += st.guard.check(train_step(model, st.opts, batch, st.sampler.draw(), st.log_q), s + 1)
         if bar is not None:
             done = min((s + 1) * batch_size, len(order))
             bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
+    check_finite_weights(model, steps)
     return loss_sum / max(steps, 1)
 
 
@@ -229,13 +324,17 @@ def train(
 
     history: list[dict[str, Any]] = []
     best_recall, best_epoch, best_state, stale = -1.0, 0, None, 0
-    total_samples, total_time = 0, 0.0
+    total_samples, total_time, diverged = 0, 0.0, None
     for epoch in range(1, config.epochs + 1):
         order = epoch_order(rng, len(st.users), config.batch_size, config.max_steps)
         steps = (len(order) + config.batch_size - 1) // config.batch_size
         t0 = time.perf_counter()
-        with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
-            loss = run_steps(ds, st, order, config.batch_size, bar)
+        try:
+            with progress_bar(f"epoch {epoch}", steps, enabled=show_progress) as bar:
+                loss = run_steps(ds, st, order, config.batch_size, bar)
+        except Diverged as err:
+            diverged = stop_on_divergence(err, epoch, best_epoch)
+            break
         train_time = time.perf_counter() - t0
         total_samples, total_time = total_samples + len(order), total_time + train_time
         recall = validation_recall(model, ds, split, config.eval_n, config.merge)  # type: ignore[arg-type]
@@ -269,8 +368,9 @@ def train(
     if out is not None and data_spec is not None:  # final manifest carries the whole history
         save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
                     extra={"best_epoch": best_epoch, f"val_recall@{config.eval_n}": best_recall,
-                           "train_samples_per_s": total_samples / total_time, "history": history})
-    return TrainResult(model, history, best_epoch, best_recall, total_samples / total_time)
+                           "train_samples_per_s": total_samples / total_time, "history": history,
+                           **({"diverged": diverged} if diverged else {})})
+    return TrainResult(model, history, best_epoch, best_recall, total_samples / total_time, diverged)
 
 
 def model_config_for(ds: Dataset, retriever: str = DEFAULT, **overrides: Any) -> Any:

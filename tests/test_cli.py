@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, assert_usage_error
 
 from data.synthetic import SyntheticConfig, generate
 
@@ -64,13 +64,13 @@ def test_generate_parquet_vectorised_writes_the_library_log(invoke, tmp_path):
             assert got.read_bytes() == path.read_bytes()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--format", "tsv", "--format must be csv or parquet, got 'tsv'"),
-    ("--method", "fast", "--method must be per_user or vectorised, got 'fast'"),
+@pytest.mark.parametrize("option, value, choices", [
+    ("--format", "tsv", "'csv', 'parquet'"),
+    ("--method", "fast", "'per_user', 'vectorised'"),
 ])
-def test_generate_rejects_an_unknown_format_or_method(invoke, tmp_path, option, value, message):
+def test_generate_rejects_an_unknown_format_or_method(invoke, tmp_path, option, value, choices):
     result = invoke("generate", "--out", tmp_path / "data", option, value)
-    assert_clean_error(result, message)
+    assert_usage_error(result, option, f"'{value}' is not one of {choices}")
     assert not (tmp_path / "data").exists()
 
 

@@ -24,6 +24,7 @@ import torch
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
+from retrieval.errors import ConfigError
 from retrieval.evaluate import exact_index
 from retrieval.experiment import mean_std
 from retrieval.ranking.evaluate import evaluate_ranker
@@ -32,6 +33,8 @@ from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranke
 from retrieval.train import TrainConfig, model_config_for, train
 
 log = logging.getLogger(__name__)
+
+KIND = "ranker-experiment"  # the "kind" of the JSON report `retrieve experiment-rankers --out` writes
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(RankTrainConfig)} - {"model", "settings"}
@@ -43,15 +46,15 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     name, _, rest = text.partition(":")
     name = name.strip()
     if name not in NAMES:
-        raise ValueError(f"unknown ranker {name!r} in {text!r}; use one of {', '.join(NAMES)}")
+        raise ConfigError(f"unknown ranker {name!r} in {text!r}; use one of {', '.join(NAMES)}")
     settings: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
         if not eq:
-            raise ValueError(f"bad ranker setting {part!r} in {text!r}; write key=value")
+            raise ConfigError(f"bad ranker setting {part!r} in {text!r}; write key=value")
         settings[key.strip()] = _value(value.strip())
     if settings.get("negative_source", "uniform") not in ("uniform", "retrieval"):
-        raise ValueError(f"bad ranker setting negative_source={settings['negative_source']!r} in {text!r}; "
+        raise ConfigError(f"bad ranker setting negative_source={settings['negative_source']!r} in {text!r}; "
                          "use uniform or retrieval")
     return text.strip(), name, settings
 
@@ -166,7 +169,7 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
         for label in labels
     }
     return {
-        "kind": "ranker-experiment",
+        "kind": KIND,
         "complete": len(per_seed) == len(seeds),
         "dataset": str(spec.interactions),
         "data_fingerprint": ds.fingerprint,

@@ -19,7 +19,7 @@ from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, proto
 from retrieval.ranking.models import Ranker, build_ranker, needs
 from retrieval.ranking.scoring import pair_metrics
 from retrieval.samples import training_positions
-from retrieval.train import seeded
+from retrieval.train import Diverged, LossGuard, check_finite_weights, seeded, stop_on_divergence
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class RankTrainResult:
     best_epoch: int
     best_auc: float
     samples_per_s: float
+    diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
 
 
 def training_pairs(
@@ -94,24 +95,29 @@ def train_ranker(
 
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, best_state, stale = -1.0, 0, None, 0
-    total_rows, total_time = 0, 0.0
+    total_rows, total_time, diverged, guard = 0, 0.0, None, LossGuard()
     for epoch in range(1, config.epochs + 1):
         rows = training_pairs(ds, split, touched, config.negatives, rng, hard)
         order = rng.permutation(len(rows))
         steps = (len(order) + config.batch_size - 1) // config.batch_size
         model.train()
         t0, loss_sum = time.perf_counter(), 0.0
-        with progress_bar(f"{config.model} epoch {epoch}", steps, enabled=show_progress) as bar:
-            for s in range(steps):
-                p = rows.take(order[s * config.batch_size : (s + 1) * config.batch_size])
-                b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len, rng,
-                                    neg_history=spec.neg_history, sessions=spec.sessions)
-                loss = model.loss(b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item()
-                bar.update(loss=loss_sum / (s + 1), rate=min((s + 1) * config.batch_size, len(order)) / max(time.perf_counter() - t0, 1e-9))
+        try:
+            with progress_bar(f"{config.model} epoch {epoch}", steps, enabled=show_progress) as bar:
+                for s in range(steps):
+                    p = rows.take(order[s * config.batch_size : (s + 1) * config.batch_size])
+                    b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len, rng,
+                                        neg_history=spec.neg_history, sessions=spec.sessions)
+                    loss = model.loss(b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += guard.check(loss.item(), s + 1)
+                    bar.update(loss=loss_sum / (s + 1), rate=min((s + 1) * config.batch_size, len(order)) / max(time.perf_counter() - t0, 1e-9))
+                check_finite_weights(model, steps)
+        except Diverged as err:
+            diverged = stop_on_divergence(err, epoch, best_epoch)
+            break
         seconds = time.perf_counter() - t0
         total_rows, total_time = total_rows + len(order), total_time + seconds
         val = pair_metrics(model, ds, val_pairs)
@@ -133,7 +139,7 @@ def train_ranker(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    return RankTrainResult(model, history, best_epoch, best_auc, total_rows / total_time)
+    return RankTrainResult(model, history, best_epoch, best_auc, total_rows / total_time, diverged)
 
 
 def config_dict(config: RankTrainConfig) -> dict[str, Any]:
