@@ -16,10 +16,15 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from retrieval.device import Runtime
+    from retrieval.distributed import Group
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("retrieve")
@@ -162,6 +167,7 @@ Patience = Annotated[int, typer.Option(min=1, help="Early-stopping patience in e
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Training seed.")]
 SplitSeed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="The protocol's user-split seed.")]
 Seeds = Annotated[str, typer.Option(help="Comma-separated split seeds.")]
+SplitKind = Annotated[Literal["user", "time"], typer.Option("--split", help="user (the protocol's split by user) or time (train on everything before the 0.8 quantile of timestamps, evaluate after it).")]
 Merge = Annotated[Literal["best", "share"], typer.Option(help="Merge of the interests' results: best (each item's best score) or share (slots per interest).")]
 Part = Annotated[Literal["test", "validation"], typer.Option(help="Held-out users: test or validation.")]
 RankerModel = Annotated[Literal["base", "din", "dmin", "dien", "dsin"], typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")]
@@ -169,6 +175,45 @@ NegativeSource = Annotated[Literal["uniform", "retrieval"], typer.Option(help="u
 DataFormat = Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format.")]
 GenerateMethod = Annotated[Literal["per_user", "vectorised"], typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an artifact of another kind at --out (never a directory or file that is not an artifact, nor an input).")]
+# Where a command runs (retrieval.device: DeviceName, Precision); the training commands also take precision and compile.
+Device = Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto (cuda when PyTorch sees a GPU, else cpu), cpu or cuda.")]
+Precision = Annotated[Literal["fp32", "bf16"], typer.Option(help="fp32, or bf16: the training loss under bf16 autocast (weights and optimizer stay fp32).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the training loss (pays off on GPUs; the first steps compile).")]
+Threads = Annotated[int, typer.Option(min=0, help="Torch threads per process (0 = torch's default; torchrun sets 1).")]
+# Checkpoints and resumption of training (retrieval.checkpoint).
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint of an interrupted run with the same settings (a fresh start when there is none yet).")]
+CheckpointEvery = Annotated[int, typer.Option(min=0, help="Also checkpoint every this many steps inside an epoch (0 = at each epoch's end only).")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUT.ckpt beside the bundle; removed when the run ends).")]
+
+
+@contextlib.contextmanager
+def _runtime(device: str, precision: str = "fp32", compile: bool = False) -> Iterator[tuple["Runtime", "Group"]]:
+    """The command's device settings, inside the process group when torchrun started several
+    processes (gloo on CPU, NCCL on GPU); ranks other than 0 log warnings only."""
+    from retrieval.device import runtime_for
+    from retrieval.distributed import init_from_env, local_rank, shutdown
+
+    runtime = runtime_for(device, precision, compile, local_rank())
+    group = init_from_env(runtime.device)
+    if not group.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield runtime, group
+    finally:
+        shutdown()
+
+
+def _claim_on_main(group: "Group", out: Path, kind: str, inputs: tuple[Optional[Path], ...], force: bool) -> None:
+    """_claim on rank 0, which alone writes; its refusal is raised on every rank."""
+    from retrieval.distributed import from_main
+
+    from_main(lambda: _claim(out, kind, inputs, force), group)
+
+
+def _checkpointing(out: Path, checkpoint: Optional[Path], every: int, resume: bool) -> Any:
+    from retrieval.checkpoint import Checkpointing, default_path
+
+    return Checkpointing(checkpoint or default_path(out), every, resume)
 
 
 @app.command()
@@ -226,26 +271,41 @@ def train(
     patience: Patience = 3,
     seed: Seed = 0,
     split_seed: SplitSeed = 2026,
+    split: SplitKind = "user",
     merge: Merge = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = 0,
+    checkpoint: Checkpoint = None,
 ) -> None:
-    """Train MIND on the log's training users; write a model bundle (best validation Recall@50)."""
+    """Train MIND on the log's training data; write a model bundle (best validation Recall@50).
+
+    Under torchrun (`torchrun --nproc_per_node=N -m cli train ...`) the processes train one
+    model data-parallel: --batch-size is the global batch, rank 0 validates and writes."""
     from retrieval.bundle import KIND
-    from retrieval.data import load_dataset, split_users
+    from retrieval.data import load_dataset, make_split
     from retrieval.train import TrainConfig, model_config_for, train as run_train
 
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    split = split_users(ds, split_seed)
-    cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
-                           pow=pow, attention="hard" if hard_attention else "power", seed=seed)
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed, split_seed=split_seed, merge=merge, max_steps=max_steps)
-    result = run_train(ds, split, cfg, tc, out=out, data_spec=spec)
-    typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        split_kind, split = split, make_split(ds, split, split_seed)
+        cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
+                               pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
+                         threads=threads, max_steps=max_steps)
+        result = run_train(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime,
+                           checkpointing=_checkpointing(out, checkpoint, checkpoint_every, resume))
+        if group.main:
+            typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s" + (f"  ({group.world} processes)" if group.parallel else ""))
 
 
 @app.command("build-index")
@@ -257,6 +317,8 @@ def build_index_cmd(
     target_recall: Annotated[Optional[float], typer.Option(help="Raise nprobe (IVF) or efSearch (HNSW) until the served top-N of sampled validation users reaches this recall against exact search; the choice is recorded in the manifest and used by query. An index without such a parameter (Flat, PQ) is measured once and must reach it as it is.")] = None,
     tune_users: Annotated[int, typer.Option(min=1, help="Validation users sampled for --target-recall.")] = 1000,
     tune_n: Annotated[int, typer.Option(min=1, help="N of the recall@N that --target-recall measures.")] = 50,
+    channels: Annotated[bool, typer.Option("--channels/--no-channels", help="The merged retriever: MIND's interests, item-kNN over the history and an item-popularity prior, weights chosen on validation users and stored with the index (query and evaluate then use it).")] = False,
+    knn_k: Annotated[int, typer.Option(min=1, help="With --channels: neighbours kept per item in the item-kNN table.")] = 100,
     force: Force = False,
 ) -> None:
     """Embed every item with the trained model and write a FAISS inner-product index."""
@@ -269,14 +331,32 @@ def build_index_cmd(
     _claim(out, KIND, (bundle,), force)
     b = load_bundle(bundle)
     vectors = b.model.item_vectors().detach().numpy()
+    files, ch = None, None
+    if channels:
+        from retrieval.channels import build_channels, channel_files, prior_vectors
+
+        ch = build_channels(b.dataset, b.split, k=knn_k, max_len=b.config["model"]["max_len"])
+        vectors = prior_vectors(vectors, ch)  # (N, D+1): the prior coordinate
     index = build_index(vectors, factory)
     manifest = {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)}
     tuning = None
     if target_recall is not None:
         tuning = tune_on_validation(index, b, vectors, target_recall, n=tune_n, max_users=tune_users)
         manifest.update(tuning.manifest())
-    save_index(index, out, manifest)
+    if ch is not None:
+        from retrieval.channels import tune_channels
+
+        tuned = tune_channels(b.model, b.dataset, b.split, index, ch, n=tune_n)
+        ch.weights, ch.prior_only = tuned.merged, tuned.prior_only.prior
+        manifest["channels"] = {**ch.settings(), "objective": tuned.objective, "validation_users": tuned.users,
+                                "validation_trials": tuned.trials}
+        files = channel_files(ch)
+    save_index(index, out, manifest, files=files)
     typer.echo(f"index: {out}  {factory}  {index.ntotal} items  d={index.d}")
+    if ch is not None:
+        at = [t for t in tuned.trials if (t["prior"], t["item_knn"]) == (ch.weights.prior, ch.weights.item_knn)][0]
+        typer.echo(f"channels: prior weight {ch.weights.prior:.4g}, item-kNN weight {ch.weights.item_knn:.3g} "
+                   f"(k={knn_k}), chosen on {tuned.users} validation users: recall@{tune_n} {at[f'recall@{tune_n}']:.4f}")
     if tuning is not None:
         setting = f"{tuning.search_param}={tuning.search_value}" if tuning.search_param else "no search parameter"
         typer.echo(f"tuned: {setting}  recall@{tuning.n} {tuning.recall:.4f} against exact search on "
@@ -313,6 +393,7 @@ def query(
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
     explain: Annotated[bool, typer.Option("--explain", help="Name the behaviours behind each item (those with the largest routing weight into the interest that retrieved it).")] = False,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (seconds) as JSON on stderr.")] = False,
+    device: Device = "auto",
 ) -> None:
     """Top-N items for users, from all their known behaviours (items already seen excluded).
 
@@ -320,9 +401,9 @@ def query(
     with both the retrieval score and the ranking score. The model reads the most recent L
     behaviours of a history (stored and new)."""
     clock = _Clock()
-    from index.faiss_index import load_index
     from retrieval.bundle import load_bundle
-    from retrieval.serving import MAX_N, Recommender, Request
+    from retrieval.device import runtime_for
+    from retrieval.serving import MAX_N, Recommender, Request, load_served_index
 
     clock.lap("imports")
     if user is not None and users_file is not None:
@@ -335,17 +416,22 @@ def query(
         _fail(f"-n must be at most {MAX_N}, got {n}")
     if rank is not None and n > candidates:
         _fail(f"-n {n} is more than --candidates {candidates}: the ranker reorders only the candidates retrieved")
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
+    b.model.to(runtime.device)
     clock.lap("load_bundle")
-    idx, manifest = load_index(index, b.fingerprint)
+    idx, manifest, channels = load_served_index(b, index, runtime.device)  # channels None: MIND alone
+    if channels is not None and merge != "best":
+        _fail("--merge share applies to MIND alone; this index holds the merged retriever (built with --channels)")
     clock.lap("load_index")
     ranker = None
     if rank is not None:
         from retrieval.ranking.bundle import load_ranker
 
         ranker = load_ranker(rank, b)
+        ranker.model.to(runtime.device)
         clock.lap("load_ranker")
-    rec = Recommender(b, idx, manifest, ranker, merge=merge, index_path=index)  # type: ignore[arg-type]
+    rec = Recommender(b, idx, manifest, ranker, merge=merge, index_path=index, channels=channels)  # type: ignore[arg-type]
     raw: list[Optional[str]] = [user] if users_file is None else _read_users_file(users_file)  # type: ignore[list-item]
     for u in raw:
         if u is not None and not rec.knows_user(u):
@@ -381,6 +467,8 @@ def _query_result(a: Any, ranked: bool, titles: bool, explain: bool, request_his
             row["rank_score"] = None if it.rank_score is None else round(it.rank_score, 6)
         if titles:
             row["title"] = it.title
+        if it.channel is not None:
+            row["channel"] = it.channel
         if explain:
             row["because"] = [{"item": x.item, "title": x.title, "weight": x.weight} for x in it.because or []]
         rows.append(row)
@@ -399,15 +487,17 @@ def _print_results(results: list[dict[str, Any]], ranked: bool) -> None:
             typer.echo(f"dropped (not in the vocabulary): {', '.join(res['dropped'])}")
         if res.get("fallback"):
             typer.echo("no known behaviour: the most popular items")
+        merged = any("channel" in row for row in res["items"])
         typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  " + (f"{'rank_score':>10}  " if ranked else "")
-                   + f"{'interest':>8}  title")
+                   + f"{'interest':>8}  " + (f"{'channel':<10}  " if merged else "") + "title")
         for row in res["items"]:
             score = f"{row['score']:>9.4f}" if row["score"] is not None else f"{'-':>9}"
             interest = f"{row['interest']:>8}" if row["interest"] is not None else f"{'-':>8}"
             extra = ""
             if ranked:
                 extra = (f"{row['rank_score']:>10.4f}  " if row.get("rank_score") is not None else f"{'-':>10}  ")
-            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {score}  {extra}{interest}  {row.get('title') or ''}")
+            channel = f"{row.get('channel') or '-':<10}  " if merged else ""
+            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {score}  {extra}{interest}  {channel}{row.get('title') or ''}")
             if row.get("because"):
                 typer.echo(f"{'':>6}because: " + "; ".join(
                     f"{x['title'] or x['item']} ({x['weight']:.2f})" for x in row["because"]))
@@ -455,46 +545,80 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="JSON report to write.")] = None,
     ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle: add AUC / GAUC and two-stage metrics.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates the ranker reorders.")] = 200,
+    split: Annotated[Optional[Literal["user", "time"]], typer.Option("--split", help="user or time: must be the split the bundle was trained on (recorded in it; the default).")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: Recall@N for N=1..200 of every model, and the training curves (needs the plot extra).")] = None,
     force: Force = False,
+    device: Device = "auto",
 ) -> None:
-    """Recall / HitRate / NDCG @20 and @50 of MIND and its baselines on held-out users (the protocol).
+    """Recall / HitRate / NDCG @20 and @50 of MIND, the merged retriever and the baselines on
+    held-out users (the protocol), with the diagnostics of MIND's interests.
 
     With --ranker, also the ranker's standalone AUC and GAUC and the two-stage
     (retrieve M, rerank) metrics beside the retrieval order on the same users."""
     from index.faiss_index import load_index
+    from index.torch_search import on_device
     from retrieval.artifacts import atomic_write_json
     from retrieval.bundle import load_bundle
-    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, format_table
+    from retrieval.channels import load_channels
+    from retrieval.device import runtime_for
+    from retrieval.evaluate import REPORT_KIND, evaluate_bundles, exact_index, format_diagnostics, format_table
 
+    if plots is not None:
+        from retrieval.plots import require_matplotlib
+
+        require_matplotlib()
     if out:
         _claim(out, REPORT_KIND, (bundle, index, k1_bundle, ranker), force)
+    runtime = runtime_for(device)
     b = load_bundle(bundle)
-    idx = load_index(index, b.fingerprint)[0] if index else None
+    b.model.to(runtime.device)  # without --index, exact search runs on the model's device
+    if split is not None and split != b.split.kind:
+        _fail(f"{bundle}: the bundle was trained on the {b.split.kind} split, not the {split} split "
+              f"(train it with --split {split})")
+    idx, channels = None, None
+    if index:
+        idx, index_manifest = load_index(index, b.fingerprint)
+        channels = load_channels(index, index_manifest)
+        idx = on_device(idx, runtime.device)
     k1 = load_bundle(k1_bundle) if k1_bundle else None
+    if k1 is not None:
+        k1.model.to(runtime.device)
     if ranker is not None:  # a bad ranker fails before the retrieval evaluation, not after it
         from retrieval.ranking.bundle import load_ranker
 
         rb = load_ranker(ranker, b)
-    report = evaluate_bundles(b, idx, k1, part)
+        rb.model.to(runtime.device)
+    report = evaluate_bundles(b, idx, k1, part, channels=channels)
+    report["device"] = runtime.describe()
     if ranker is not None:
-        from index.faiss_index import build_index
         from retrieval.ranking.evaluate import evaluate_ranker
 
-        index_for_ranker = idx if idx is not None else build_index(b.model.item_vectors().detach().numpy(), "Flat")
+        index_for_ranker = idx if idx is not None else exact_index(b.model)
         report["ranker"] = {"model": rb.name, "bundle": str(ranker),
                             **evaluate_ranker(rb.model, b.dataset, b.split, b.model, index_for_ranker, part, candidates)}
+    if plots is not None:
+        from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
+
+        histories = {"mind": b.manifest.get("history", []), **({"mind_k1": k1.manifest.get("history", [])} if k1 else {})}
+        report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
+                                                  f"{Path(report['dataset']).parent.name}, {report['split']} split, "
+                                                  f"seed {report['split_seed']}, {part} users")),
+                           str(plot_training({k: v for k, v in histories.items() if v}, plots / TRAINING_PNG))]
     if out:
         atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  split seed {report['split_seed']}  {part} users {report['users']}  "
-               f"K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
+    typer.echo(f"{report['dataset']}  {report['split']} split, seed {report['split_seed']}  {part} users "
+               f"{report['users']}  K={report['K']} L={report['L']} D={report['dim']}  merge chosen on validation: "
                f"{report['merge_chosen_on_validation']}")
     typer.echo(format_table(report))
+    typer.echo(format_diagnostics(report))
     if "ranker" in report:
         r = report["ranker"]
         typer.echo(f"ranker {r['model']}: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}  "
                    f"({r['candidates_per_s']:,.0f} candidates/s)")
         for stage in ("retrieval_only", "two_stage"):
             typer.echo(f"  {stage:<15}" + "  ".join(f"{k} {v:.4f}" for k, v in r[stage].items()))
+    for p in report.get("plots", []):
+        typer.echo(f"plot: {p}")
     if out:
         typer.echo(f"report: {out}")
 
@@ -516,33 +640,45 @@ def train_ranker_cmd(
     patience: Annotated[int, typer.Option(min=1)] = 2,
     seed: Seed = 0,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
-    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
+    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC.
+
+    Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import KIND, save_ranker
     from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
 
-    _claim(out, KIND, (bundle,), force)
-    b = load_bundle(bundle)
-    cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
-                          negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
-                          dim=dim, max_len=max_len)
-    hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (bundle,), force)
+        b = load_bundle(bundle)
+        cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
+                              negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
+                              dim=dim, max_len=max_len, threads=threads)
+        if negative_source == "retrieval":
+            b.model.to(runtime.device)
+        hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+        extra = {"trained_on": {**runtime.describe(), "processes": group.world}}
 
-    def save(m, history):  # rewrite the best ranker so far, atomically
-        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
+        def save(m, history):  # rewrite the best ranker so far, atomically
+            save_ranker(out, m, model, cfg, b,
+                        extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history), **extra})
 
-    result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save)
-    save(result.model, result.history)
-    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+        result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save, runtime=runtime)
+        if group.main:
+            save(result.model, result.history)
+            typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
+                       f"{result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()
 @clean_errors
 def experiment(
     interactions: Interactions,
-    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    out: Annotated[Path, typer.Option(help="JSON report to write (the README tables go beside it as .md).")],
     items: Items = None,
     users: Users = None,
     user_col: UserCol = "user_id",
@@ -550,7 +686,9 @@ def experiment(
     time_col: TimeCol = "timestamp",
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
-    seeds: Seeds = "2026,2027,2028,2029,2030",
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated split seeds (default: 2026-2030 on the user split, 2026 on the temporal split).")] = None,
+    split: SplitKind = "user",
+    train_seeds: Annotated[Optional[str], typer.Option(help="Comma-separated training seeds, each run on every split seed (default: --seed on the user split, 0-4 on the temporal split).")] = None,
     interests: Interests = 4,
     dim: Dim = 64,
     max_len: MaxLen = 50,
@@ -563,29 +701,88 @@ def experiment(
     neg_alpha: NegAlpha = 1.0,
     patience: Patience = 3,
     seed: Seed = 0,
+    settings: Annotated[Optional[str], typer.Option(help="More settings of the main MIND, key=value;key=value (any model-config or training field).")] = None,
+    variants: Annotated[Optional[str], typer.Option(help="Comma-separated variants of the main MIND, each name:key=value;key=value (name: mind, or a registered retriever), e.g. one per remedy switched off.")] = None,
+    tune: Annotated[Optional[str], typer.Option(help="Grid tried for the main MIND and for K=1 alike (the same budget), best validation Recall@50 kept: key=v1,v2;key=v1,v2.")] = None,
+    knn_k: Annotated[str, typer.Option(help="Neighbours per item in the merged retriever's item-kNN table: comma-separated sizes, the best on validation users kept.")] = "50,100,200",
+    plots: Annotated[Optional[Path], typer.Option(help="Directory for PNGs: mean Recall@N for N=1..200 of every model, and every run's training curves (needs the plot extra).")] = None,
     force: Force = False,
+    threads: Threads = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
-    """MIND (K), MIND (K=1), item-KNN and popularity over several split seeds: mean ± std."""
-    from retrieval.artifacts import atomic_write_json
+    """MIND, its variants, K=1 (same tuning budget), the merged retriever, item-kNN and popularity
+    over several runs: mean ± std, diagnostics, figures by history length.
+
+    Under torchrun the processes train each model together; rank 0 evaluates and writes."""
+    from retrieval.artifacts import atomic_write_bytes, atomic_write_json
     from retrieval.data import load_dataset
     from retrieval.evaluate import format_table
-    from retrieval.experiment import KIND, run_experiment
+    from retrieval.experiment import (KIND, TIME_TRAIN_SEEDS, USER_SEEDS, check_settings, format_markdown,
+                                      parse_grid, parse_settings, parse_variant, run_experiment)
     from retrieval.train import TrainConfig
 
-    seed_list = _seed_list(seeds)
+    seed_list = _seed_list(seeds) if seeds is not None else list(USER_SEEDS) if split == "user" else [2026]
+    try:
+        train_seed_list = ([int(s) for s in train_seeds.split(",") if s.strip()] if train_seeds is not None else
+                           [seed] if split == "user" else list(TIME_TRAIN_SEEDS))
+    except ValueError:
+        _fail(f"--train-seeds must be comma-separated integers, got {train_seeds!r}")
+    if not train_seed_list or min(train_seed_list) < 0 or len(set(train_seed_list)) < len(train_seed_list):
+        _fail(f"--train-seeds must be distinct non-negative integers, at least one, got {train_seeds!r}")
+    try:
+        knn_sizes = [int(k) for k in knn_k.split(",") if k.strip()]
+        if not knn_sizes or min(knn_sizes) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
+    model_settings: dict[str, Any] = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
+                                      "attention": "hard" if hard_attention else "power", "seed": seed}
+    try:
+        model_settings.update(parse_settings(settings or "", "--settings entry"))
+        variant_list = [v.strip() for v in (variants or "").split(",") if v.strip()]
+        grid = parse_grid(tune or "")
+        check_settings(model_settings, [parse_variant(v) for v in variant_list], grid)
+    except ValueError as err:
+        _fail(str(err))
+    if plots is not None:
+        from retrieval.plots import require_matplotlib
+
+        require_matplotlib()
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    settings = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
-                "attention": "hard" if hard_attention else "power", "seed": seed}
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                     patience=patience, seed=seed)
-    report = run_experiment(ds, spec, seed_list, settings, tc)
-    atomic_write_json(out, report)
-    typer.echo(f"{report['dataset']}  seeds {seed_list}  K={interests} L={max_len} D={dim}  "
-               f"wall {report['wall_time_s']:.0f}s")
-    typer.echo(format_table(report))
-    typer.echo(f"report: {out}")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
+                         patience=patience, seed=seed, split=split, threads=threads)
+        md = out.with_suffix(".md")
+
+        def write(partial: dict[str, Any]) -> None:
+            if group.main:
+                atomic_write_json(out, partial)
+                atomic_write_bytes(md, format_markdown(partial).encode())
+
+        report = run_experiment(ds, spec, seed_list, model_settings, tc, split=split, train_seeds=train_seed_list,
+                                variants=variant_list, grid=grid, knn_k=knn_sizes, on_run=write, runtime=runtime)
+        if not group.main:
+            return
+        if plots is not None:
+            from retrieval.plots import RECALL_PNG, TRAINING_PNG, plot_recall_curves, plot_training
+
+            histories = {f"{name} ({r['split_seed']}/{r['train_seed']})": t["history"]
+                         for r in report["per_run"] for name, t in r["training"].items()}
+            report["plots"] = [str(plot_recall_curves(report["recall_curve"], plots / RECALL_PNG,
+                                                      f"{Path(report['dataset']).parent.name}, {split} split, mean of "
+                                                      f"{report['runs']} runs, test users")),
+                               str(plot_training(histories, plots / TRAINING_PNG))]
+        write(report)
+        typer.echo(f"{report['dataset']}  {split} split  seeds {seed_list}  training seeds {train_seed_list}  "
+                   f"K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s")
+        typer.echo(format_table(report))
+        for p in report.get("plots", []):
+            typer.echo(f"plot: {p}")
+        typer.echo(f"report: {out}  tables: {md}")
 
 
 @app.command("experiment-rankers")
@@ -608,6 +805,9 @@ def experiment_rankers(
     seed: Seed = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
     force: Force = False,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    compile: Compile = False,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
@@ -623,14 +823,17 @@ def experiment_rankers(
     for v in variants:
         parse_variant(v)  # ConfigError: one line, before any work
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
-    _claim(out, KIND, (interactions, items, users), force)
-    ds = load_dataset(spec)
-    report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
-                                   on_seed=lambda partial: atomic_write_json(out, partial))
-    atomic_write_json(out, report)
-    typer.echo(format_ranker_table(report))
-    typer.echo(f"report: {out}")
+    with _runtime(device, precision, compile) as (runtime, group):
+        _claim_on_main(group, out, KIND, (interactions, items, users), force)
+        ds = load_dataset(spec)
+        report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
+                                       RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
+                                       on_seed=(lambda partial: atomic_write_json(out, partial)) if group.main else None,
+                                       runtime=runtime)
+        if group.main:
+            atomic_write_json(out, report)
+            typer.echo(format_ranker_table(report))
+            typer.echo(f"report: {out}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from retrieval.artifacts import (
+    MANIFEST,
     MANIFEST_CHECKSUM,
     atomic_dir,
     file_fingerprint,
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 KIND = "index"
 METRIC = "inner_product"
-_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256", MANIFEST_CHECKSUM)
+_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256", "files_sha256", MANIFEST_CHECKSUM)
 
 
 def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -113,11 +114,14 @@ def _unservable(index: faiss.Index) -> str | None:
             return None
 
 
-def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically write out_dir/index.faiss and out_dir/manifest.json.
+def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any],
+               files: dict[str, bytes] | None = None) -> None:
+    """Atomically write out_dir/index.faiss, the extra `files` (name -> bytes) beside it and
+    out_dir/manifest.json.
 
     The manifest holds kind "index", factory, d, ntotal, metric "inner_product", package
-    versions, the created time and the index file's sha256, plus the caller's fields
+    versions, the created time, the index file's sha256 and each extra file's sha256
+    (`files_sha256`, checked by load_index like the index's own), plus the caller's fields
     (e.g. bundle_fingerprint). `factory` is taken from the caller's fields when given (the
     string passed to build_index), else recovered from the index.
     """
@@ -128,6 +132,10 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
     clash = sorted(set(manifest) & set(_RESERVED))
     if clash:
         raise ValueError(f"manifest fields {clash} are written by save_index itself")
+    files = files or {}
+    for name in files:
+        if name in (INDEX_FILE, MANIFEST) or Path(name).name != name:
+            raise ValueError(f"extra index file {name!r}: a plain file name other than {INDEX_FILE} and {MANIFEST}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, KIND) as tmp:
         # Through a Python file: faiss's own writer ignores a failed fclose, so a full disk can
@@ -137,6 +145,8 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
                 faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         except RuntimeError as err:
             raise ArtifactError(f"{out_dir}: writing the index failed ({_faiss_reason(err)}); nothing was replaced") from None
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         write_manifest(
             tmp,
             {
@@ -148,6 +158,7 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
                 "packages": package_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "index_sha256": file_fingerprint(tmp / INDEX_FILE),
+                **({"files_sha256": {name: file_fingerprint(tmp / name) for name in sorted(files)}} if files else {}),
                 **{k: v for k, v in manifest.items() if k != "factory"},
             },
         )
@@ -173,6 +184,12 @@ def load_index(
     expected = manifest.get("index_sha256")
     if expected is not None and file_fingerprint(path) != expected:
         raise ArtifactError(f"{path}: corrupt index (sha256 differs from the manifest)")
+    for name, digest in (manifest.get("files_sha256") or {}).items():
+        extra = index_dir / name
+        if not extra.is_file():
+            raise ArtifactError(f"{index_dir}: incomplete index (no {name})")
+        if file_fingerprint(extra) != digest:
+            raise ArtifactError(f"{extra}: corrupt index file (sha256 differs from the manifest)")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as err:
@@ -214,6 +231,17 @@ def search_param_name(index: faiss.Index) -> str | None:
     if isinstance(_innermost(index), faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def pad_queries(queries: np.ndarray, d: int) -> np.ndarray:
+    """Queries (..., d') for an index of dimension d >= d': zeros appended. An index whose item
+    vectors carry extra trailing coordinates (an item prior: retrieval.channels) is then
+    searched by the plain inner product of the first d' coordinates."""
+    queries = np.asarray(queries)
+    extra = d - queries.shape[-1]
+    if extra <= 0:
+        return queries
+    return np.concatenate([queries, np.zeros((*queries.shape[:-1], extra), dtype=queries.dtype)], axis=-1)
 
 
 def search_interests(

@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -98,15 +99,28 @@ class Dataset:
             raise DataError(f"unknown user {raw_id!r}: not in the training log") from None
 
 
+SplitKind = Literal["user", "time"]
+SPLITS: tuple[str, ...] = ("user", "time")
+
+
 @dataclass
 class Split:
-    """The protocol's split by user; val/test users keep only their first 80 % as history."""
+    """Which part of each user's sequence is training data and which users are held out.
+
+    The user split (the protocol's default): train users give their whole sequence,
+    val/test users only their first 80 % as history. The temporal split: every user gives
+    the interactions before the cut time T as training data, and the users with
+    interactions on both sides of T are held out with that training period as history.
+    Either way the training data is the first history_len[u] items of each train user,
+    which is all that training, the negative sampler and the baselines read."""
 
     seed: int
-    train_users: np.ndarray  # (U_train,) int64 user indices
+    train_users: np.ndarray  # (U_train,) int64 user indices whose first history_len items are training data
     val_users: np.ndarray
     test_users: np.ndarray
     history_len: np.ndarray  # (U,) items of each user's sequence the model may see
+    kind: SplitKind = "user"  # "user" (by user) or "time" (before / after the cut T)
+    cut: float | None = None  # T of the temporal split: interactions at times < T are training data
 
     def users(self, part: str) -> np.ndarray:
         parts = {"train": self.train_users, "validation": self.val_users, "test": self.test_users}
@@ -522,9 +536,77 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
     return Split(seed, np.sort(train), np.sort(val), np.sort(test), history_len)
 
 
-def item_counts(ds: Dataset, users: np.ndarray) -> np.ndarray:
-    """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0)."""
-    chosen = np.zeros(ds.n_users, dtype=bool)
-    chosen[users] = True
-    in_users = np.repeat(chosen, ds.lengths())  # (E,) bool: one byte a row, not an int64 owner
-    return np.bincount(ds.items[in_users], minlength=ds.n_items + 1)
+def split_time(ds: Dataset, seed: int = 2026, quantile: float = 0.8) -> Split:
+    """The protocol's temporal split: T = the `quantile` of all timestamps; interactions before
+    T are the training period (every user's, as training data); the users with interactions
+    on both sides of T are held out, history = their training period, the first half of a
+    seeded permutation of them validating and the rest testing.
+
+    Sequences are sorted by time, so each user's training period is a prefix: history_len."""
+    if not 0.0 < quantile < 1.0:
+        raise DataError(f"the temporal split's quantile must lie in (0, 1), got {quantile}")
+    cut = float(np.quantile(ds.times, quantile))
+    owner = np.repeat(np.arange(ds.n_users), ds.lengths())  # (E,) user of each interaction
+    history_len = np.bincount(owner, weights=ds.times < cut, minlength=ds.n_users).astype(np.int64)  # (U,)
+    del owner
+    lengths = ds.lengths()
+    evaluated = np.flatnonzero((history_len > 0) & (history_len < lengths))  # sorted user indices
+    if len(evaluated) < 2:
+        raise DataError(f"the temporal split at T={cut:g} leaves {len(evaluated)} users with interactions "
+                        "on both sides of T; it needs at least 2 (one to validate, one to test)")
+    order = evaluated[np.random.default_rng(seed).permutation(len(evaluated))]
+    half = len(order) // 2
+    train = np.flatnonzero(history_len > 0)
+    return Split(seed, train, np.sort(order[:half]), np.sort(order[half:]), history_len, kind="time", cut=cut)
+
+
+def make_split(ds: Dataset, kind: str = "user", seed: int = 2026) -> Split:
+    """The split named `kind` ("user" or "time") with the given seed."""
+    if kind == "user":
+        return split_users(ds, seed)
+    if kind == "time":
+        return split_time(ds, seed)
+    raise DataError(f"unknown split {kind!r}; use one of {', '.join(SPLITS)}")
+
+
+def item_counts(ds: Dataset, users: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0);
+    with `ends` (U,) (e.g. a split's history_len), only in each user's first ends[u] items."""
+    if ends is None:
+        chosen = np.zeros(ds.n_users, dtype=bool)
+        chosen[users] = True
+        in_users = np.repeat(chosen, ds.lengths())  # (E,) bool: one byte a row, not an int64 owner
+        return np.bincount(ds.items[in_users], minlength=ds.n_items + 1)
+    lengths = ds.lengths()
+    if np.array_equal(ends[users], lengths[users]):  # whole sequences (the user split's train users)
+        return item_counts(ds, users)
+    take = np.zeros(ds.n_users, dtype=np.int64)
+    take[users] = ends[users]
+    # (E,) position of each interaction within its user's sequence, against that user's cut
+    pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)
+    return np.bincount(ds.items[pos < np.repeat(take, lengths)], minlength=ds.n_items + 1)
+
+
+def training_counts(ds: Dataset, split: Split) -> np.ndarray:
+    """(N+1,) how often each item occurs in the split's training data (train users' first
+    history_len items): what popularity, item-kNN and the negative sampler count."""
+    return item_counts(ds, split.train_users, split.history_len)
+
+
+def held_out_users(ds: Dataset, split: Split, part: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Users of `part` with a non-empty ground truth, their history ends, and their ground truths.
+
+    User split: the ground truth is the rest of the sequence after the history. Temporal
+    split: the evaluation-period items that are not in the history (a user with none left
+    has nothing to find and is not evaluated)."""
+    users = split.users(part)
+    users = users[split.history_len[users] < ds.lengths()[users]]
+    ends = split.history_len[users]
+    if split.kind == "time":
+        truth = [np.setdiff1d(ds.sequence(u)[e:], ds.sequence(u)[:e]) for u, e in zip(users, ends)]
+        keep = np.array([len(t) > 0 for t in truth], dtype=bool)
+        if not keep.all():
+            users, ends, truth = users[keep], ends[keep], [t for t, k in zip(truth, keep) if k]
+        return users, ends, truth
+    truth = [ds.sequence(u)[e:] for u, e in zip(users, ends)]
+    return users, ends, truth

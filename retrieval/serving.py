@@ -9,9 +9,10 @@ vocabulary are dropped and listed in the response; a request left with no known 
 items, flagged as a fallback. The model reads the most recent L behaviours (L = the
 bundle's max_len); every behaviour of the history, however old, is excluded from the results.
 
-The two stages are each called from one method: `retrieve` (interest vectors, the FAISS
-search and the merge, for every row of a batch at once; another retriever plugs in there)
-and `rank` (the ranker's permutation of each row's candidates, which the retrieval score
+The two stages are each called from one method: `retrieve` (for every row of a batch at
+once, through retrieval.channels.retrieve_batch, the function `query` and `evaluate` use:
+the merged retriever, MIND + item prior + item-kNN, when the index holds channels, MIND
+alone otherwise) and `rank` (the ranker's permutation of each row's candidates, which the retrieval score
 and the interest follow). Lookups (raw id -> index, the popularity list) are built once,
 never per request.
 """
@@ -31,12 +32,14 @@ import numpy as np
 import orjson
 import torch
 
-from index.faiss_index import load_index, search_top_n
+from index.faiss_index import load_index
+from index.torch_search import on_device
 from retrieval.bundle import Bundle, load_bundle
+from retrieval.channels import CHANNELS, Channels, load_channels, retrieve_batch
 from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.explain import interest_groups, top_behaviours
 from retrieval.mind import Interests
-from retrieval.recommend import Merge, Recommendations, history_rows, interest_vectors
+from retrieval.recommend import Merge, Recommendations
 from retrieval.samples import Histories
 
 log = logging.getLogger(__name__)
@@ -78,9 +81,10 @@ class Recommendation:
     rank: int  # 1-based position in the answer
     item: str  # raw item id
     title: str | None
-    score: float | None  # retrieval score (inner product); None for the popularity fallback
-    interest: int | None  # the interest that retrieved it; None for the fallback
+    score: float | None  # retrieval score (inner product; the fused score with channels); None for the popularity fallback
+    interest: int | None  # the interest that retrieved it; None for the fallback or another channel's item
     rank_score: float | None = None  # the ranker's logit, when reranked
+    channel: str | None = None  # with channels: "mind", "popularity" or "item_knn" (retrieval.channels)
     because: list[Behaviour] | None = None  # with explain: the behaviours behind its interest
 
 
@@ -148,11 +152,23 @@ def _short(fingerprint: str | None) -> str | None:
     return fingerprint[:12] if fingerprint else None
 
 
+def load_served_index(bundle: Bundle, index: Path, device: torch.device | None = None
+                      ) -> tuple[Any, dict[str, Any], Channels | None]:
+    """The index built from `bundle`, its manifest and the channels it holds (None: MIND
+    alone), a flat index moved to `device` when that is a GPU (exact search there)."""
+    idx, manifest = load_index(index, bundle.fingerprint)
+    channels = load_channels(index, manifest)
+    if device is not None:
+        idx = on_device(idx, device)
+    return idx, manifest, channels
+
+
 class Recommender:
     """A loaded bundle, its index and an optional ranker, answering batches of requests."""
 
     def __init__(self, bundle: Bundle, index: faiss.Index, index_manifest: dict[str, Any],
-                 ranker: Any = None, merge: Merge = "best", index_path: Path | None = None):
+                 ranker: Any = None, merge: Merge = "best", index_path: Path | None = None,
+                 channels: Channels | None = None):
         if index_manifest.get("bundle_fingerprint") != bundle.fingerprint:
             raise ArtifactError(
                 f"the index was built from another model bundle (index: {_short(index_manifest.get('bundle_fingerprint'))}, "
@@ -163,23 +179,34 @@ class Recommender:
             raise ArtifactError(f"{ranker.path}: the ranker was trained on other data than the retrieval bundle")
         if merge not in ("best", "share"):
             raise RetrievalError(f"merge must be best or share, got {merge!r}")
+        if channels is not None and merge != "best":
+            raise RetrievalError("merge share applies to MIND alone; this index holds the merged retriever "
+                                 "(built with --channels)")
         self.bundle, self.index, self.index_manifest, self.ranker, self.merge = bundle, index, index_manifest, ranker, merge
+        self.channels = channels
         self.model, self.dataset = bundle.model, bundle.dataset
         self.index_path = index_path
         self.max_len = int(self.model.config.max_len)
         self.loaded_at = time.time()
 
     @classmethod
-    def load(cls, bundle: Path, index: Path, ranker: Path | None = None, merge: Merge = "best") -> Recommender:
-        """Load and verify a bundle, the index built from it and a ranker trained beside it."""
+    def load(cls, bundle: Path, index: Path, ranker: Path | None = None, merge: Merge = "best",
+             device: torch.device | None = None) -> Recommender:
+        """Load and verify a bundle, the index built from it (with its channels, if it holds
+        them) and a ranker trained beside it; the models on `device` (default: the CPU), a flat
+        index searched there too (index.torch_search.on_device)."""
         b = load_bundle(bundle)
-        idx, manifest = load_index(index, b.fingerprint)
+        idx, manifest, channels = load_served_index(b, index, device)
         r = None
         if ranker is not None:
             from retrieval.ranking.bundle import load_ranker
 
             r = load_ranker(ranker, b)
-        return cls(b, idx, manifest, r, merge, index_path=Path(index))
+        if device is not None:
+            b.model.to(device)
+            if r is not None:
+                r.model.to(device)
+        return cls(b, idx, manifest, r, merge, index_path=Path(index), channels=channels)
 
     # ------------------------------------------------------------------ what is loaded
 
@@ -197,6 +224,7 @@ class Recommender:
         return {
             "items": self.dataset.n_items, "users": self.dataset.n_users, "interests": int(c.interests),
             "max_len": self.max_len, "dim": int(c.dim), "merge": self.merge,
+            "channels": self.channels.settings() if self.channels is not None else None,
             "index": {"factory": self.index_manifest.get("factory"), "search_param": self.index_manifest.get("search_param"),
                       "search_value": self.index_manifest.get("search_value")},
             "ranker": self.ranker.name if self.ranker is not None else None,
@@ -321,28 +349,18 @@ class Recommender:
     def retrieve(self, hist: Histories, depth: np.ndarray) -> tuple[Recommendations, Interests]:
         """The retrieval stage for a batch: the top depth[r] items of each history (U rows, every
         item of the history excluded), padded to the largest depth (item 0, score -inf,
-        interest -1), and the interests that found them. One interest forward for the batch and
-        one FAISS search per distinct depth."""
-        it = interest_vectors(self.model, self.dataset, hist)
-        V, A = it.vectors.numpy(), it.active.numpy()  # (U, K, D), (U, K)
-        mass = it.mass.numpy() if self.merge == "share" else None
-        exclude = history_rows(hist)
-        U, width = len(hist), int(depth.max())
-        items = np.zeros((U, width), dtype=np.int64)
-        scores = np.full((U, width), -np.inf, dtype=np.float32)
-        interest = np.full((U, width), -1, dtype=np.int64)
-        for d in np.unique(depth):
-            rows = np.flatnonzero(depth == d)
-            every = rows.size == U
-            ids, sc, which = search_top_n(
-                self.index, V if every else V[rows], A if every else A[rows], int(d),
-                exclude=exclude if every else [exclude[r] for r in rows], strategy=self.merge,
-                weights=None if mass is None else (mass if every else mass[rows]),
-            )  # (R, d) each
-            items[rows, :d] = np.where(ids >= 0, ids + 1, 0)
-            scores[rows, :d] = sc
-            interest[rows, :d] = which
-        return Recommendations(items, scores, interest), it
+        interest -1), and the interests that found them. One interest forward and one search
+        for the whole batch at the largest depth (the top d of a deeper search is the top d),
+        through the function `query` and `evaluate` use (retrieval.channels.retrieve_batch)."""
+        rec, it = retrieve_batch(self.model, self.dataset, self.index, hist, int(depth.max()), self.merge,
+                                 self.channels)  # (U, width) each
+        short = depth < rec.items.shape[1]
+        if short.any():  # a row asked for fewer: what lies past its depth is not its answer
+            past = np.arange(rec.items.shape[1])[None, :] >= depth[:, None]  # (U, width)
+            rec.items[past], rec.scores[past], rec.interest[past] = 0, -np.inf, -1
+            if rec.channel is not None:
+                rec.channel[past] = -1
+        return rec, it
 
     def rank(self, hist: Histories, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ranking stage: each history's candidates (R, M) item indices (0 = none) ordered
@@ -359,7 +377,7 @@ class Recommender:
         width = int(m.max())
         cand = recs.items[rows, :width]  # entries past a row's own M are already 0
         order, logits = self.rank(h.take(rows), cand)  # (R, width)
-        for name in ("items", "scores", "interest"):
+        for name in ("items", "scores", "interest") + (("channel",) if recs.channel is not None else ()):
             x = getattr(recs, name)
             x[rows, :width] = np.take_along_axis(x[rows, :width], order, 1)
         return logits
@@ -380,6 +398,8 @@ class Recommender:
             got = (block > 0).sum(1).tolist()  # fewer than n only for a tiny index
             cols = {"item": ds.item_ids[block].tolist(), "score": recs.scores[:, :width].tolist(),
                     "interest": recs.interest[:, :width].tolist(),
+                    "channel": [[CHANNELS[c] if c >= 0 else None for c in row] for row in recs.channel[:, :width].tolist()]
+                    if recs.channel is not None else None,
                     "title": ds.titles[block].tolist() if ds.titles is not None else None}
             if rank_scores is not None:  # rank_scores rows follow the ranked served rows
                 ranked = [s for s, i in enumerate(served) if requests[i].rank]
@@ -401,8 +421,10 @@ class Recommender:
             k = min(r.n, got[s])
             titles = cols["title"][s] if cols["title"] is not None else [None] * k
             rank = cols["rank_score"][s] if r.rank else [None] * k
-            items = [Recommendation(p, it, t, sc, kk, rk) for p, it, t, sc, kk, rk in
-                     zip(range(1, k + 1), cols["item"][s][:k], titles, cols["score"][s], cols["interest"][s], rank)]
+            channel = cols["channel"][s] if cols["channel"] is not None else [None] * k
+            items = [Recommendation(p, it, t, sc, kk if kk >= 0 else None, rk, ch) for p, it, t, sc, kk, rk, ch in
+                     zip(range(1, k + 1), cols["item"][s][:k], titles, cols["score"][s], cols["interest"][s], rank,
+                         channel)]
             groups = None
             if r.explain and W is not None:
                 seq = hist.items[hist.offsets[i] : hist.offsets[i + 1]]

@@ -130,7 +130,7 @@ def test_answers_are_the_librarys(client, local):
     assert [it["item"] for it in got["items"]] == [it.item for it in want.items]
     assert got["dropped"] == ["unknown-id"] and got["known_user"] and got["ranked"]
     first = got["items"][0]
-    assert set(first) == {"rank", "item", "title", "score", "interest", "rank_score", "because"}
+    assert set(first) == {"rank", "item", "title", "score", "interest", "rank_score", "channel", "because"}
     assert first["rank_score"] == pytest.approx(want.items[0].rank_score, abs=1e-5)
     assert [b["item"] for b in first["because"]] == [b.item for b in want.items[0].because]
     assert [g["interest"] for g in got["interests"]] == [g.interest for g in want.interests]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from retrieval.bundle import load_bundle
-from retrieval.errors import ArtifactError
+from retrieval.channels import CHANNELS, retrieve
+from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.explain import interest_groups, top_behaviours, window_start
 from retrieval.recommend import interest_vectors, recommend
 from retrieval.samples import Histories
@@ -172,6 +173,39 @@ def test_a_batch_answers_as_each_request_alone(rec):
     alone = [rec.recommend([r], now=1_800_000_000)[0] for r in batch]
     for a, b in zip(together, alone):
         assert _same(a.to_dict(), b.to_dict())
+
+
+@pytest.fixture(scope="module")
+def merged(invoke, bundle_k4, tmp_path_factory) -> Recommender:
+    """A Recommender over an index that holds the merged retriever (build-index --channels)."""
+    out = tmp_path_factory.mktemp("indexes") / "merged_k4"
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--channels", "--knn-k", "20")
+    assert result.exit_code == 0, result.output
+    return Recommender.load(bundle_k4, out)
+
+
+def test_an_index_with_channels_is_served_by_the_merged_retriever(merged):
+    ds = merged.dataset
+    assert merged.channels is not None and merged.info()["channels"]["knn_k"] == 20
+    fresh = unseen(merged, USER, 3)
+    batch = [Request(user=USER, n=12, explain=True), Request(user=USER, history=fresh, n=5), Request(history=fresh, n=9)]
+    got = merged.recommend(batch, now=1_800_000_000)
+    for req, resp in zip(batch, got):  # the same function as `query` and `evaluate`, row by row
+        hist, _, _ = merged._histories([req], 1_800_000_000)
+        want = retrieve(merged.model, ds, merged.index, hist, req.n, channels=merged.channels)
+        assert ids(resp) == ds.item_ids[want.items[0]].tolist()
+        assert [it.score for it in resp.items] == pytest.approx(want.scores[0].tolist(), abs=1e-5)
+        assert [it.channel for it in resp.items] == [CHANNELS[c] for c in want.channel[0]]
+        # an item another channel put there names no interest and no behaviours of one
+        assert all((it.interest is not None) == (it.channel == "mind") for it in resp.items)
+        assert all(it.because is None for it in resp.items if it.channel != "mind")
+    assert {it.channel for r in got for it in r.items} - {"mind"}, "the fixture should exercise another channel"
+    assert got[0].interests  # the user's interests as groups of behaviours, whichever channel filled the list
+    many = merged.recommend([Request(user=str(u), n=12, explain=True) for u in ds.user_ids[:30]])
+    mind = [it for r in many for it in r.items if it.channel == "mind"]
+    assert mind and all(it.because for it in mind)
+    with pytest.raises(RetrievalError, match="merge share applies to MIND alone"):
+        Recommender(merged.bundle, merged.index, merged.index_manifest, merge="share", channels=merged.channels)
 
 
 def _same(a, b) -> bool:

@@ -26,6 +26,7 @@ from retrieval.artifacts import (
     write_manifest,
 )
 from retrieval.bundle import Bundle
+from retrieval.device import cpu_state
 from retrieval.errors import ArtifactError
 from retrieval.ranking.models import Ranker, make_ranker, ranker_config
 
@@ -45,7 +46,7 @@ def save_ranker(out: Path, model: Ranker, name: str, train_config: Any, retrieva
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     with atomic_dir(Path(out), KIND) as tmp:
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save(cpu_state(model), buf)  # CPU tensors whatever the model trained on
         (tmp / "model.pt").write_bytes(buf.getvalue())
         config = {"name": name, "model": dataclasses.asdict(model.config), "train": dataclasses.asdict(train_config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -24,6 +24,8 @@ import torch
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
+from retrieval.device import Runtime
+from retrieval.distributed import current, from_main
 from retrieval.errors import ConfigError
 from retrieval.evaluate import exact_index
 from retrieval.experiment import mean_std
@@ -85,13 +87,14 @@ def run_seed(
     part: str = "test",
     m: int = 200,
     threads: int = 0,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """One split seed: train MIND, then every variant; -> {"split_seed", "rankers": label -> figures}."""
     if threads:
         torch.set_num_threads(threads)
     split = split_users(ds, seed)
     tc = dataclasses.replace(retrieval_train, split_seed=seed)
-    mind = train(ds, split, model_config_for(ds, **retrieval_settings), tc, show_progress=False).model
+    mind = train(ds, split, model_config_for(ds, **retrieval_settings), tc, show_progress=False, runtime=runtime).model
     index = exact_index(mind)
     hard: dict[int, np.ndarray] | None = None
     rows: dict[str, Any] = {}
@@ -100,8 +103,8 @@ def run_seed(
         if cfg.negative_source == "retrieval" and hard is None:
             hard = hard_negatives(mind, ds, split, cfg.retrieval_m)
         r = train_ranker(ds, split, cfg, hard=hard if cfg.negative_source == "retrieval" else None,
-                         show_progress=False)
-        ev = evaluate_ranker(r.model, ds, split, mind, index, part, m)
+                         show_progress=False, runtime=runtime)
+        ev = from_main(lambda: evaluate_ranker(r.model, ds, split, mind, index, part, m), current())
         rows[label] = {
             "auc": ev["standalone"]["auc"],
             "gauc": ev["standalone"]["gauc"],
@@ -131,6 +134,7 @@ def run_ranker_experiment(
     m: int = 200,
     jobs: int = 1,
     on_seed: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Every variant on every split seed. `jobs` > 1 runs that many seeds side by side in
     spawned processes, one torch thread each (the figures do not depend on it; the timings
@@ -139,6 +143,8 @@ def run_ranker_experiment(
     t0 = time.perf_counter()
     per_seed: list[dict[str, Any]] = []
     args = (variants, retrieval_settings, retrieval_train, rank_train, part, m)
+    if jobs > 1 and current().parallel:
+        raise ConfigError("--jobs runs seeds in separate processes; under torchrun the processes already share each run")
 
     def report(seconds: float) -> dict[str, Any]:
         return _report(ds, spec, seeds, labels, per_seed, retrieval_settings, retrieval_train, rank_train,
@@ -152,10 +158,10 @@ def run_ranker_experiment(
 
     if jobs <= 1:
         for seed in seeds:
-            done(run_seed(ds, seed, *args))
+            done(run_seed(ds, seed, *args, runtime=runtime))
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_seed, ds, seed, *args, threads=1) for seed in seeds]
+            futures = [pool.submit(run_seed, ds, seed, *args, threads=1, runtime=runtime) for seed in seeds]
             for f in as_completed(futures):
                 done(f.result())
     return report(time.perf_counter() - t0)

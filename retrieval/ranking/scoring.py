@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset
+from retrieval.device import model_device, to_device
 from retrieval.metrics import auc, gauc
 from retrieval.ranking.data import PairSet, make_rank_batch
 from retrieval.ranking.models import Ranker, needs
@@ -26,12 +27,13 @@ def score_pairs(
     """Logits (R,) of every (row, history end, candidate) pair; rows index `seqs` (default the dataset)."""
     model.eval()
     spec = needs(model)
+    device = model_device(model)
     out = []
     for i in range(0, len(pairs), batch_size):
         p = pairs.take(np.arange(i, min(i + batch_size, len(pairs))))
         b = make_rank_batch(ds, None, p.users, p.ends, p.candidates, None, spec.max_len, sessions=spec.sessions,
                             seqs=seqs)
-        out.append(model.score(b).numpy())
+        out.append(model.score(to_device(b, device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

@@ -1,5 +1,9 @@
 """Training a ranker: pointwise BCE on positives and sampled negatives, early stopping on
-validation AUC (the protocol's pairs), the best bundle rewritten atomically on improvement."""
+validation AUC (the protocol's pairs), the best bundle rewritten atomically on improvement.
+
+On the device of a `Runtime`, and data-parallel under torchrun like MIND's loop: every rank
+draws the same epoch rows and order, takes its share of each global batch and steps
+through `retrieval.train.backward_step`; rank 0 validates."""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset, Split
+from retrieval.device import Runtime, compile_loss, to_device
+from retrieval.distributed import GradientSync, average_batch_norm, broadcast_state, check_in_sync, current, from_main, rank_seed, share
 from retrieval.errors import DataError
 from retrieval.progress import progress_bar
 from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, protocol_pairs
 from retrieval.ranking.models import Ranker, build_ranker, needs
 from retrieval.ranking.scoring import pair_metrics
 from retrieval.samples import training_positions
-from retrieval.train import Diverged, LossGuard, check_finite_weights, seeded, stop_on_divergence
+from retrieval.train import Diverged, LossGuard, backward_step, check_finite_weights, seeded, stop_on_divergence
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +87,27 @@ def train_ranker(
     hard: dict[int, np.ndarray] | None = None,
     on_improve: Any = None,
     show_progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> RankTrainResult:
-    """Train the configured ranker; `on_improve(model, history)` runs whenever validation AUC improves."""
+    """Train the configured ranker; `on_improve(model, history)` runs whenever validation AUC
+    improves (on rank 0 only, with several processes)."""
+    runtime, group = runtime or Runtime(), current()
     rng = seeded(config.seed, config.threads)
     model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
                          **config.settings)
+    model.to(runtime.device)
     spec = needs(model)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True) if runtime.cuda else torch.optim.Adam(
+        model.parameters(), lr=config.lr)
+    sync, batch_rng = None, rng  # in-batch draws (negative histories): one stream in one process
+    if group.parallel:  # epoch rows and order from the shared rng; each rank's in-batch draws its own
+        broadcast_state(model, group)
+        sync, batch_rng = GradientSync(model, group), np.random.default_rng([config.seed, group.rank])
+        if group.rank:
+            torch.manual_seed(rank_seed(config.seed, group.rank))
+    if runtime.compile:
+        compile_loss(model)
+    show_progress = show_progress and group.main
     touched = TouchedItems(ds)
     val_pairs = protocol_pairs(ds, split, "validation")
     if len(val_pairs) == 0:
@@ -105,14 +125,18 @@ def train_ranker(
         try:
             with progress_bar(f"{config.model} epoch {epoch}", steps, enabled=show_progress) as bar:
                 for s in range(steps):
-                    p = rows.take(order[s * config.batch_size : (s + 1) * config.batch_size])
-                    b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len, rng,
-                                        neg_history=spec.neg_history, sessions=spec.sessions)
-                    loss = model.loss(b)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    loss_sum += guard.check(loss.item(), s + 1)
+                    lo, hi, weight = s * config.batch_size, min((s + 1) * config.batch_size, len(order)), 1.0
+                    if group.parallel:  # this rank's share of the global batch
+                        a, b_ = share(hi - lo, group)
+                        lo, hi, weight = lo + a, lo + b_, (b_ - a) / (hi - lo)
+                    loss = None
+                    if hi > lo:
+                        p = rows.take(order[lo:hi])
+                        b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len,
+                                            batch_rng, neg_history=spec.neg_history, sessions=spec.sessions)
+                        with runtime.autocast():
+                            loss = model.loss(to_device(b, runtime.device))
+                    loss_sum += guard.check(backward_step(loss, [opt], sync, weight, runtime.device), s + 1)
                     bar.update(loss=loss_sum / (s + 1), rate=min((s + 1) * config.batch_size, len(order)) / max(time.perf_counter() - t0, 1e-9))
                 check_finite_weights(model, steps)
         except Diverged as err:
@@ -120,7 +144,9 @@ def train_ranker(
             break
         seconds = time.perf_counter() - t0
         total_rows, total_time = total_rows + len(order), total_time + seconds
-        val = pair_metrics(model, ds, val_pairs)
+        average_batch_norm(model, group)
+        check_in_sync(model, group)
+        val = from_main(lambda: pair_metrics(model, ds, val_pairs), group)
         entry = {"epoch": epoch, "loss": loss_sum / steps, "val_auc": val["auc"], "val_gauc": val["gauc"],
                  "samples_per_s": len(order) / seconds, "seconds": seconds}
         history.append(entry)
@@ -129,7 +155,7 @@ def train_ranker(
         if val["auc"] > best_auc:
             best_auc, best_epoch, stale = val["auc"], epoch, 0
             best_state = copy.deepcopy(model.state_dict())
-            if on_improve is not None:
+            if on_improve is not None and group.main:
                 on_improve(model, history)
         else:
             stale += 1
