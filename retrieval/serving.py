@@ -69,14 +69,14 @@ class Request:
     explain: bool = False  # name the behaviours behind each item and the user's interests
 
 
-@dataclass(slots=True)
+@dataclass  # no slots: orjson encodes a dataclass 4x faster through its __dict__
 class Behaviour:
     item: str  # raw item id
     title: str | None
     weight: float  # its routing weight into the interest
 
 
-@dataclass(slots=True)
+@dataclass
 class Recommendation:
     rank: int  # 1-based position in the answer
     item: str  # raw item id
@@ -88,14 +88,14 @@ class Recommendation:
     because: list[Behaviour] | None = None  # with explain: the behaviours behind its interest
 
 
-@dataclass(slots=True)
+@dataclass
 class InterestGroup:
     interest: int
     mass: float  # share of the behaviours routed to it
     behaviours: list[Behaviour]  # those routed to it more than to any other, strongest first
 
 
-@dataclass(slots=True)
+@dataclass
 class Response:
     user: str | None  # as asked
     known_user: bool  # the user is in the training log (their stored behaviours were used)
