@@ -442,79 +442,68 @@ def query(
     index: Annotated[Path, typer.Option(help="Index built from that bundle.")],
     user: Annotated[Optional[str], typer.Option(help="User id as in the log.")] = None,
     users_file: Annotated[Optional[Path], typer.Option(help="File of user ids, one per line.")] = None,
+    history: Annotated[Optional[str], typer.Option("--history", help="Comma-separated item ids, oldest first: new behaviours appended to --user's stored ones, or alone a new user's. Ids not in the vocabulary are dropped (and listed); with none left, the most popular items are returned.")] = None,
     n: Annotated[int, typer.Option("-n", min=1, help="Items to return per user.")] = 10,
     merge: Merge = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     rank: Annotated[Optional[Path], typer.Option("--rank", help="Ranker bundle: rerank the retrieved candidates.")] = None,
     candidates: Annotated[int, typer.Option(min=1, help="M: candidates retrieved for the ranker.")] = 200,
+    explain: Annotated[bool, typer.Option("--explain", help="Name the behaviours behind each item (those with the largest routing weight into the interest that retrieved it).")] = False,
     timings: Annotated[bool, typer.Option("--timings", help="Print where the time went (seconds) as JSON on stderr.")] = False,
     device: Device = "auto",
 ) -> None:
     """Top-N items for users, from all their known behaviours (items already seen excluded).
 
     With --rank, M candidates are retrieved, scored by the ranker, and the top N printed
-    with both the retrieval score and the ranking score."""
+    with both the retrieval score and the ranking score. The model reads the most recent L
+    behaviours of a history (stored and new)."""
     clock = _Clock()
-    import numpy as np
-
-    from index.faiss_index import load_index
-    from index.torch_search import on_device
     from retrieval.bundle import load_bundle
-    from retrieval.channels import CHANNELS, load_channels, retrieve
     from retrieval.device import runtime_for
-    from retrieval.samples import Histories
+    from retrieval.serving import MAX_N, Recommender, Request, load_served_index
 
     clock.lap("imports")
-    if (user is None) == (users_file is None):
+    if user is not None and users_file is not None:
         _fail("give exactly one of --user or --users-file")
+    if user is None and users_file is None and history is None:
+        _fail("give --user, --users-file or --history")
+    if users_file is not None and history is not None:
+        _fail("--history goes with --user or alone, not with --users-file")
+    if n > MAX_N:
+        _fail(f"-n must be at most {MAX_N}, got {n}")
     if rank is not None and n > candidates:
         _fail(f"-n {n} is more than --candidates {candidates}: the ranker reorders only the candidates retrieved")
     runtime = runtime_for(device)
     b = load_bundle(bundle)
     b.model.to(runtime.device)
     clock.lap("load_bundle")
-    idx, index_manifest = load_index(index, b.fingerprint)
-    channels = load_channels(index, index_manifest)  # None: MIND alone
+    idx, manifest, channels = load_served_index(b, index, runtime.device)  # channels None: MIND alone
     if channels is not None and merge != "best":
         _fail("--merge share applies to MIND alone; this index holds the merged retriever (built with --channels)")
-    idx = on_device(idx, runtime.device)  # a flat index searches exactly on the GPU
     clock.lap("load_index")
-    raw = [user] if user is not None else _read_users_file(users_file)  # type: ignore[arg-type]
-    ds = b.dataset
-    uidx = np.array([ds.user_index(u) for u in raw], dtype=np.int64)
-    ends = ds.lengths()[uidx]
-    hist = Histories.of(ds, uidx, ends)
-    rec = retrieve(b.model, ds, idx, hist, candidates if rank else n, merge=merge, channels=channels)
-    clock.lap("search")
-    rank_scores = None
+    ranker = None
     if rank is not None:
         from retrieval.ranking.bundle import load_ranker
-        from retrieval.ranking.scoring import rerank
 
         ranker = load_ranker(rank, b)
         ranker.model.to(runtime.device)
-        order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
-        order = order[:, :n]
-        rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
-        if rec.channel is not None:
-            rec.channel = np.take_along_axis(rec.channel, order, 1)
-        rank_scores = logits[:, :n]
-        clock.lap("rank")
-    results = []
-    for r, u in enumerate(raw):
-        rows = []
-        for rank_pos, (i, s, k) in enumerate(zip(rec.items[r], rec.scores[r], rec.interest[r]), 1):
-            if i == 0:
-                break
-            row = {"rank": rank_pos, "item": str(ds.item_ids[i]), "score": round(float(s), 6), "interest": int(k)}
-            if rec.channel is not None:
-                row["channel"] = CHANNELS[int(rec.channel[r, rank_pos - 1])]
-            if rank_scores is not None:
-                row["rank_score"] = round(float(rank_scores[r, rank_pos - 1]), 6)
-            if ds.titles is not None:
-                row["title"] = str(ds.titles[i])
-            rows.append(row)
-        results.append({"user": u, "history": int(ds.lengths()[uidx[r]]), "items": rows})
+        clock.lap("load_ranker")
+    rec = Recommender(b, idx, manifest, ranker, merge=merge, index_path=index, channels=channels)  # type: ignore[arg-type]
+    raw: list[Optional[str]] = [user] if users_file is None else _read_users_file(users_file)  # type: ignore[list-item]
+    for u in raw:
+        if u is not None and not rec.knows_user(u):
+            _fail(f"unknown user {u!r}: not in the training log")
+    behaviours = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
+    requests = [Request(user=u, history=behaviours, n=n, rank=rank is not None, candidates=candidates, explain=explain)
+                for u in raw]
+    stages: dict[str, float] = {}
+    answers = rec.recommend(requests, timings=stages)
+    clock.lap("search")
+    if "rank" in stages:  # the ranker's share of the call, as before: search, then rank
+        clock.phases["search"] -= stages["rank"]
+        clock.phases["rank"] = stages["rank"]
+    results = [_query_result(a, ranked=rank is not None, titles=b.dataset.titles is not None, explain=explain,
+                             request_history=behaviours is not None) for a in answers]
     if as_json:
         typer.echo(json.dumps(results if users_file else results[0], indent=2, ensure_ascii=False))
     else:
@@ -524,18 +513,83 @@ def query(
         typer.echo("timings: " + json.dumps(clock.report()), err=True)
 
 
+def _query_result(a: Any, ranked: bool, titles: bool, explain: bool, request_history: bool) -> dict[str, Any]:
+    """One answer in `query`'s output format: {"user", "history", "items": [{"rank", "item", "score",
+    "interest", "rank_score"?, "title"?, "because"?}]}; with --history also "dropped" and "fallback"."""
+    rows = []
+    for it in a.items:
+        row: dict[str, Any] = {"rank": it.rank, "item": it.item,
+                               "score": None if it.score is None else round(it.score, 6), "interest": it.interest}
+        if ranked:
+            row["rank_score"] = None if it.rank_score is None else round(it.rank_score, 6)
+        if titles:
+            row["title"] = it.title
+        if it.channel is not None:
+            row["channel"] = it.channel
+        if explain:
+            row["because"] = [{"item": x.item, "title": x.title, "weight": x.weight} for x in it.because or []]
+        rows.append(row)
+    out: dict[str, Any] = {"user": a.user, "history": a.history, "items": rows}
+    if request_history:
+        out.update(dropped=a.dropped, fallback=a.fallback)
+    return out
+
+
 def _print_results(results: list[dict[str, Any]], ranked: bool) -> None:
     """The query results as one table per user."""
     for res in results:
-        typer.echo(f"user {res['user']}  ({res['history']} behaviours)")
+        who = f"user {res['user']}" if res["user"] is not None else "new user"
+        typer.echo(f"{who}  ({res['history']} behaviours)")
+        if res.get("dropped"):
+            typer.echo(f"dropped (not in the vocabulary): {', '.join(res['dropped'])}")
+        if res.get("fallback"):
+            typer.echo("no known behaviour: the most popular items")
         merged = any("channel" in row for row in res["items"])
         typer.echo(f"{'rank':>4}  {'item':<12} {'score':>9}  " + (f"{'rank_score':>10}  " if ranked else "")
                    + f"{'interest':>8}  " + (f"{'channel':<10}  " if merged else "") + "title")
         for row in res["items"]:
-            extra = f"{row['rank_score']:>10.4f}  " if ranked else ""
-            channel = f"{row['channel']:<10}  " if merged else ""
-            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {row['score']:>9.4f}  {extra}{row['interest']:>8}  "
-                       f"{channel}{row.get('title', '')}")
+            score = f"{row['score']:>9.4f}" if row["score"] is not None else f"{'-':>9}"
+            interest = f"{row['interest']:>8}" if row["interest"] is not None else f"{'-':>8}"
+            extra = ""
+            if ranked:
+                extra = (f"{row['rank_score']:>10.4f}  " if row.get("rank_score") is not None else f"{'-':>10}  ")
+            channel = f"{row.get('channel') or '-':<10}  " if merged else ""
+            typer.echo(f"{row['rank']:>4}  {row['item']:<12} {score}  {extra}{interest}  {channel}{row.get('title') or ''}")
+            if row.get("because"):
+                typer.echo(f"{'':>6}because: " + "; ".join(
+                    f"{x['title'] or x['item']} ({x['weight']:.2f})" for x in row["because"]))
+
+
+@app.command()
+@clean_errors
+def serve(
+    bundle: Annotated[Path, typer.Option(help="Model bundle.")],
+    index: Annotated[Path, typer.Option(help="Index built from that bundle.")],
+    ranker: Annotated[Optional[Path], typer.Option(help="Ranker bundle trained beside it: enables rank=true.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    merge: Merge = "best",
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests coalesced into one model call.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a request waits for others to join its batch (ms).")] = 1.0,
+    threads: Annotated[int, typer.Option(min=1, help="torch and FAISS threads of the model worker.")] = 1,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get 413.")] = 1 << 20,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for the model beyond which new ones get 503 (load shedding).")] = 2000,
+    drain_s: Annotated[float, typer.Option(min=0, help="On SIGTERM, longest wait for requests in flight (s).")] = 30.0,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (costs throughput).")] = False,
+) -> None:
+    """Serve recommendations over HTTP from a resident process (FastAPI + uvicorn).
+
+    POST /recommend {user?, history?, n, rank, candidates, explain}; /readyz answers 200 once
+    loaded; POST /admin/reload or SIGHUP reloads; SIGTERM drains. The explorer page is at /."""
+    from retrieval.server.app import ServeConfig, serve as run_server
+
+    for p in (bundle, index, ranker):
+        if p is not None and not p.is_dir():
+            _fail(f"{p}: not a directory")
+    config = ServeConfig(bundle=bundle, index=index, ranker=ranker, merge=merge, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, threads=threads, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                         drain_s=drain_s)
+    run_server(config, host=host, port=port, access_log=access_log)
 
 
 @app.command()

@@ -257,11 +257,11 @@ def fresh_query(bundle_dir: Path, index_dir: Path, user: str, runs: int, threads
     return {"runs": runs, **trials[len(trials) // 2], "all_wall_s": [t["wall_s"] for t in trials]}
 
 
-def measure_family(
-    b: Bundle, xb: np.ndarray, factory: str, scale: Scale, out_dir: Path, test: dict[str, Any],
-    latency_users: np.ndarray, batch_users: np.ndarray,
-) -> dict[str, Any]:
-    """Everything the issue asks of one index family."""
+def tuned_index(b: Bundle, xb: np.ndarray, factory: str, scale: Scale, out_dir: Path
+                ) -> tuple[faiss.Index, Path, dict[str, Any]]:
+    """Build one index family over the item vectors, tune its search parameter to TARGET_RECALL on
+    validation users and save it under out_dir/indexes/; the index, its directory and the row's
+    figures (build seconds, RSS growth, the setting and the tuning trials). bench_serve serves it."""
     row: dict[str, Any] = {"factory": factory}
     gc.collect()
     rss0, t0 = rss_bytes(), time.perf_counter()
@@ -289,6 +289,15 @@ def measure_family(
     index_dir = out_dir / "indexes" / factory.replace(",", "_")
     save_index(index, index_dir, manifest)
     row["index_bytes"] = (index_dir / "index.faiss").stat().st_size
+    return index, index_dir, row
+
+
+def measure_family(
+    b: Bundle, xb: np.ndarray, factory: str, scale: Scale, out_dir: Path, test: dict[str, Any],
+    latency_users: np.ndarray, batch_users: np.ndarray,
+) -> dict[str, Any]:
+    """Everything the issue asks of one index family."""
+    index, index_dir, row = tuned_index(b, xb, factory, scale, out_dir)
 
     got = search_top_n(index, test["V"], test["A"], N, exclude=test["exclude"])[0]
     row["recall@50_test"] = recall_against(got, test["exact"])

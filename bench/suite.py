@@ -10,6 +10,10 @@ run alone, e.g. on a quiet machine).
 
 - query:  1M items, index families, --target-recall tuning, latency p50/p99, batch users/s,
           fresh-process `retrieve query` (bench/bench_query.py)
+- serve:  `retrieve serve` on the query part's 1M-item IVF-PQ index: open-loop load at fixed rates
+          (p50/p95/p99, errors, achieved throughput) retrieval only and with DIN reranking 200
+          candidates, beside the in-process batch path; time to ready, memory, a hot reload under
+          load (bench/bench_serve.py, its load generator bench/loadgen.py)
 - train:  MIND step time at ML-100K shapes and 1K vs 1M items (bench/bench_train.py)
 - ingest: a 10M-interaction log, CSV and Parquet: wall time and peak memory (bench/bench_ingest.py)
 - scale:  1M users x 1M items x 50M interactions end to end, peak memory per stage (bench/bench_scale.py)
@@ -40,15 +44,15 @@ sys.path.insert(0, str(REPO))
 
 from retrieval.artifacts import atomic_write_bytes, atomic_write_json, package_versions  # noqa: E402
 
-PARTS = ("query", "train", "ingest", "scale", "public")
+PARTS = ("query", "serve", "train", "ingest", "scale", "public")
 DEFAULT_PUBLIC_PYTHON = Path("/work/bench-venv/bin/python")
 
 
 def part_command(part: str, scale: str, out: Path, public_python: Path) -> tuple[list[str], Path]:
     """The command line that runs one part, and the JSON file it writes."""
     py = sys.executable
-    if part == "query":
-        return [py, str(REPO / "bench" / "bench_query.py"), scale, str(out)], out / f"bench_query_{scale}.json"
+    if part in ("query", "serve"):  # serve reuses the log, bundle and index that query leaves in OUT
+        return [py, str(REPO / "bench" / f"bench_{part}.py"), scale, str(out)], out / f"bench_{part}_{scale}.json"
     if part in ("train", "ingest", "scale"):
         return [py, "-m", f"bench.bench_{part}", "--scale", scale, "--out", str(out)], out / f"bench_{part}.json"
     if part == "public":

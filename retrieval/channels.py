@@ -47,7 +47,8 @@ from retrieval.data import Dataset, Split, held_out_users
 from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.neighbours import ItemNeighbours, NeighbourScores, build_neighbours, neighbour_scores
-from retrieval.recommend import Merge, Recommendations, history_rows, interest_vectors
+from retrieval.mind import Interests
+from retrieval.recommend import Merge, Recommendations, history_rows, interest_vectors, recommend_batch
 from retrieval.retrievers import Retriever
 from retrieval.samples import Histories
 
@@ -173,6 +174,7 @@ class Prepared:
     knn: NeighbourScores  # each history's positive kNN scores, history excluded
     sample_scores: np.ndarray  # (U, S) max_k u_k·v over the channels' item sample
     embed: Callable[[np.ndarray], np.ndarray]  # item indices (E,) -> (E, D) vectors
+    interests: Interests  # the model's interests (vectors above, plus mass and behaviour weights: explanations)
 
 
 @torch.inference_mode()
@@ -188,7 +190,7 @@ def prepare(model: Retriever, ds: Dataset, hist: Histories, channels: Channels) 
             return model.item_embed(torch.from_numpy(np.asarray(items, dtype=np.int64))).numpy()
 
     sample_scores = _best_interest(vectors, active, embed(channels.sample))  # (U, S)
-    return Prepared(vectors, active, history_rows(hist), knn, sample_scores, embed)
+    return Prepared(vectors, active, history_rows(hist), knn, sample_scores, embed, it)
 
 
 def _best_interest(vectors: np.ndarray, active: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -277,6 +279,29 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
     return Recommendations(out_items, out_scores, out_interest, out_channel)
 
 
+def retrieve_batch(
+    model: Retriever,
+    ds: Dataset,
+    index: faiss.Index,
+    hist: Histories,
+    n: int,
+    merge: Merge = "best",
+    channels: Channels | None = None,
+) -> tuple[Recommendations, Interests]:
+    """Top-n items of one batch of histories from every channel, merged (the module
+    docstring), with the model's interests (what explanations read); without channels, MIND
+    alone (retrieval.recommend.recommend_batch). The merged list ranks MIND's interests by
+    their best score: `merge` must be "best" when channels are given. `query`, `evaluate`
+    and the server (retrieval.serving) all retrieve through here."""
+    if channels is None:
+        return recommend_batch(model, ds, index, hist, n, merge=merge)
+    if merge != "best":
+        raise RetrievalError(f"the merged retriever ranks interests by their best score; merge {merge!r} applies "
+                             "to MIND alone (an index without channels)")
+    p = prepare(model, ds, hist, channels)
+    return fuse(p, index, channels, channels.weights, n), p.interests
+
+
 def retrieve(
     model: Retriever,
     ds: Dataset,
@@ -287,22 +312,12 @@ def retrieve(
     channels: Channels | None = None,
     batch_size: int = 1024,
 ) -> Recommendations:
-    """Top-n items per history from every channel, merged (the module docstring); without
-    channels, MIND alone (retrieval.recommend.recommend). The merged list ranks MIND's
-    interests by their best score: `merge` must be "best" when channels are given."""
-    from retrieval.recommend import recommend
-
-    if channels is None:
-        return recommend(model, ds, index, hist, n, merge=merge, batch_size=batch_size)
-    if merge != "best":
-        raise RetrievalError(f"the merged retriever ranks interests by their best score; merge {merge!r} applies "
-                             "to MIND alone (an index without channels)")
-    parts = [fuse(prepare(model, ds, h, channels), index, channels, channels.weights, n)
-             for h in hist.batches(batch_size)]
+    """Top-n items per history (`retrieve_batch` over batches of `batch_size` histories)."""
+    parts = [retrieve_batch(model, ds, index, h, n, merge, channels)[0] for h in hist.batches(batch_size)]
     if len(parts) == 1:
         return parts[0]
-    return Recommendations(*(np.concatenate([getattr(p, f) for p in parts])
-                             for f in ("items", "scores", "interest", "channel")))
+    fields = ("items", "scores", "interest") + (("channel",) if channels is not None else ())
+    return Recommendations(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 # ---------------------------------------------------------------------------- tuning

@@ -168,12 +168,16 @@ class Dice(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, s: Tensor) -> Tensor:  # (..., dim)
+        if not self.training and not torch.is_grad_enabled():  # scoring: running statistics, one buffer, in place
+            scale = (self.bn.running_var + self.bn.eps).rsqrt()  # (dim,) the normalisation as one affine map
+            p = torch.addcmul(-self.bn.running_mean * scale, s, scale).sigmoid_()
+            return p.mul_(1 - self.alpha).add_(self.alpha).mul_(s)
         shape = s.shape
         flat = s.reshape(-1, shape[-1])  # (B*, dim)
         p = torch.sigmoid(self.bn(flat)).reshape(shape)
         if torch.is_grad_enabled():
             return s * (self.alpha + p * (1 - self.alpha))  # = p s + (1 - p) alpha s, in three passes instead of five
-        return p.mul_(1 - self.alpha).add_(self.alpha).mul_(s)  # scoring: the same, in place (no new buffers)
+        return p.mul_(1 - self.alpha).add_(self.alpha).mul_(s)  # the same, in place (no new buffers)
 
 
 Activation = str  # "dice" | "prelu" | "relu" | "sigmoid"
@@ -243,6 +247,27 @@ class ActivationUnit(nn.Module):
         w = keys.new_zeros(mask.shape)  # (B, L)
         w = w.masked_scatter(mask, self.mlp[1:](h).squeeze(-1).to(w.dtype))
         return (w.unsqueeze(-1) * keys).sum(1), w
+
+    def pool_many(self, keys: Tensor, mask: Tensor, queries: Tensor) -> Tensor:
+        """Scoring many candidates against one history per row (eval mode): keys (U, L, D), mask
+        (U, L), queries (U, M, D) -> pooled (U, M, D), what forward() gives each of the U*M
+        (history, candidate) pairs. The key term of the first layer is computed once per history
+        instead of once per pair, and the k ⊙ q term as one (M, D) @ (D, L*H1) product per history:
+        q·(k ⊙ w_h) = (k ⊙ q)·w_h. Memory: U*M*L*H1 floats; callers bound U."""
+        if self.training:
+            raise RuntimeError("pool_many is the scoring path; batch statistics need forward()")
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
+        Wk, Wq, Wd, Wp = first.weight.split(self.dim, dim=1)  # (H1, D) each
+        U, L, D = keys.shape
+        M, H1 = queries.shape[1], first.out_features
+        per_key = F.linear(keys, Wk + Wd)  # (U, L, H1)
+        per_query = F.linear(queries, Wq - Wd, first.bias)  # (U, M, H1)
+        z = (keys.unsqueeze(-1) * Wp.T).transpose(1, 2).reshape(U, D, L * H1)  # (U, D, L*H1): k_l ⊙ w_h
+        h = torch.bmm(queries, z).view(U, M, L, H1)  # (U, M, L, H1) the k ⊙ q term
+        h += per_key.unsqueeze(1)
+        h += per_query.unsqueeze(2)
+        w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask.unsqueeze(1), 0.0)  # (U, M, L)
+        return torch.bmm(w, keys)  # (U, M, D)
 
 
 class TargetAttention(nn.Module):

@@ -60,6 +60,26 @@ def history_rows(hist: Histories) -> list[np.ndarray]:
     return [row.astype(np.int64) - 1 for row in hist.rows()]
 
 
+def recommend_batch(
+    model: Retriever,
+    ds: Dataset,
+    index: faiss.Index | TorchFlatIndex,
+    hist: Histories,
+    n: int,
+    merge: Merge = "best",
+) -> tuple[Recommendations, Interests]:
+    """Top-n items of one batch of histories (one interest forward, one search), with the
+    interests that found them; every item of the history is excluded. A TorchFlatIndex (exact
+    search on a GPU) applies the exclusion on its device; a FAISS index over-fetches."""
+    search = index.search_top_n if isinstance(index, TorchFlatIndex) else functools.partial(search_top_n, index)
+    it = interest_vectors(model, ds, hist)
+    ids, scores, which = search(  # an index with a prior coordinate (channels) is searched without it
+        pad_queries(it.vectors.numpy(), index.d), it.active.numpy(), n, exclude=history_rows(hist), strategy=merge,
+        weights=it.mass.numpy() if merge == "share" else None,
+    )  # (B, n) each
+    return Recommendations(np.where(ids >= 0, ids + 1, 0), scores, which), it
+
+
 def recommend(
     model: Retriever,
     ds: Dataset,
@@ -69,19 +89,8 @@ def recommend(
     merge: Merge = "best",
     batch_size: int = 1024,
 ) -> Recommendations:
-    """Top-n items per history; every item of the history is excluded. A TorchFlatIndex (exact
-    search on a GPU) applies the exclusion on its device; a FAISS index over-fetches."""
-    out_i, out_s, out_k = [], [], []
-    search = index.search_top_n if isinstance(index, TorchFlatIndex) else functools.partial(search_top_n, index)
-    for h in hist.batches(batch_size):
-        it = interest_vectors(model, ds, h)
-        ids, scores, which = search(  # an index with a prior coordinate (channels) is searched without it
-            pad_queries(it.vectors.numpy(), index.d), it.active.numpy(), n, exclude=history_rows(h), strategy=merge,
-            weights=it.mass.numpy() if merge == "share" else None,
-        )  # (B, n) each
-        out_i.append(np.where(ids >= 0, ids + 1, 0))
-        out_s.append(scores)
-        out_k.append(which)
-    if len(out_i) == 1:
-        return Recommendations(out_i[0], out_s[0], out_k[0])
-    return Recommendations(np.concatenate(out_i), np.concatenate(out_s), np.concatenate(out_k))
+    """Top-n items per history (`recommend_batch` over batches of `batch_size` histories)."""
+    parts = [recommend_batch(model, ds, index, h, n, merge)[0] for h in hist.batches(batch_size)]
+    if len(parts) == 1:
+        return parts[0]
+    return Recommendations(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("items", "scores", "interest")))

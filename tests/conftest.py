@@ -109,3 +109,21 @@ def assert_clean_error(result: Result, message: str) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"]
     assert result.stdout == ""
+
+
+@pytest.fixture(scope="session")
+def index_k1(invoke: Invoke, bundle_k1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exact (Flat) index over the K=1 bundle's item vectors (a second servable pair)."""
+    out = tmp_path_factory.mktemp("indexes") / "flat_k1"
+    result = invoke("build-index", "--bundle", bundle_k1, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def din_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small DIN trained one epoch beside the K=4 bundle (serving tests rerank with it)."""
+    out = tmp_path_factory.mktemp("rankers") / "din"
+    result = invoke("train-ranker", "--bundle", bundle_k4, "--out", out, "--epochs", "1", "--dim", "8")
+    assert result.exit_code == 0, result.output
+    return out

@@ -265,11 +265,37 @@ def test_unknown_user_in_users_file(invoke, bundle_k4, index_k4, tmp_path):
     assert_clean_error(result, "unknown user 'nobody': not in the training log")
 
 
-@pytest.mark.parametrize("which", ["neither", "both"])
-def test_exactly_one_of_user_and_users_file(invoke, bundle_k4, index_k4, tmp_path, which):
-    args = [] if which == "neither" else ["--user", USER, "--users-file", write_users(tmp_path / "u.txt", [USER])]
+@pytest.mark.parametrize("which, message", [
+    ("neither", "give --user, --users-file or --history"),
+    ("both", "give exactly one of --user or --users-file"),
+    ("file and history", "--history goes with --user or alone, not with --users-file"),
+])
+def test_who_to_recommend_for(invoke, bundle_k4, index_k4, tmp_path, which, message):
+    users = write_users(tmp_path / "u.txt", [USER])
+    args = {"neither": [], "both": ["--user", USER, "--users-file", users],
+            "file and history": ["--users-file", users, "--history", "i00001"]}[which]
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, *args)
-    assert_clean_error(result, "give exactly one of --user or --users-file")
+    assert_clean_error(result, message)
+
+
+def test_query_history_and_explain(invoke, bundle_k4, index_k4, small_data):
+    seen = history(small_data, USER)
+    fresh = [i for i in (f"i{k:05d}" for k in range(1, 300)) if i not in seen][:3]
+    before = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "10")
+    after = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "10", "--history", ",".join(fresh + ["nope"]),
+                       "--explain")
+    assert after["history"] == len(seen) + 3 and after["dropped"] == ["nope"] and after["fallback"] is False
+    assert [r["item"] for r in after["items"]] != [r["item"] for r in before["items"]]
+    assert not {r["item"] for r in after["items"]} & set(fresh + seen)
+    assert all(1 <= len(r["because"]) <= 3 and all(b["item"] in seen + fresh for b in r["because"]) for r in after["items"])
+    new_user = query_json(invoke, bundle_k4, index_k4, "--history", ",".join(fresh), "-n", "5")
+    assert new_user["user"] is None and new_user["history"] == 3 and len(new_user["items"]) == 5
+    fallback = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--history", "nope", "-n", "3")
+    assert fallback.exit_code == 0, fallback.output
+    lines = fallback.stdout.splitlines()
+    assert lines[:3] == ["new user  (0 behaviours)", "dropped (not in the vocabulary): nope",
+                         "no known behaviour: the most popular items"]
+    assert len(lines) == 3 + 1 + 3 and all(line.split()[2:4] == ["-", "-"] for line in lines[4:])
 
 
 def test_bad_interactions_file_writes_nothing(invoke, tmp_path):

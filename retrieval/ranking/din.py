@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from retrieval.layers import ActivationUnit, act_mlp
@@ -67,6 +68,21 @@ class DIN(ClickModel):
         """Click logits (B,)."""
         pooled, _, cand = self.interest(batch)
         return self.mlp_logit([pooled, cand], batch)
+
+    @torch.no_grad()
+    def score_candidates(self, batch: RankBatch, candidates: Tensor) -> Tensor:
+        """Logits (U, M) of M candidates (U, M) per history of `batch` (its `candidate` is unused),
+        in eval mode: what score() gives each (history, candidate) pair, with the history encoded
+        once and the activation unit's history terms shared by its M candidates (serving's rerank)."""
+        history = batch.history.masked_fill(~batch.mask, 0)  # (U, L)
+        e = self.items(history)  # (U, L, D)
+        cand = self.items(candidates)  # (U, M, D)
+        pooled = self.attention.pool_many(e, batch.mask, cand)  # (U, M, D)
+        parts = [pooled, cand]
+        if self.profile.out_dim:
+            prof = self.profile(batch.user_features, len(history))  # (U, P)
+            parts.append(prof.unsqueeze(1).expand(-1, candidates.shape[1], -1))  # (U, M, P)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (U, M)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""

@@ -43,9 +43,18 @@ def pair_metrics(model: Ranker, ds: Dataset, pairs: PairSet) -> dict[str, float]
     return {"auc": auc(pairs.labels, s), "gauc": gauc(pairs.users, pairs.labels, s)}
 
 
+PAIRS_PER_CALL = 1 << 15  # (candidate, behaviour) pairs per call of a model's score_candidates: its buffers stay
+# a few MB (measured on DIN at M=200, L=50: half the time per request of 1 << 17)
+
+
 def score_candidates(model: Ranker, ds: Dataset, hist: Histories, candidates: np.ndarray) -> np.ndarray:
-    """Logits (U, M) of each history's candidates (U, M) item indices; -inf where a candidate is 0 (none)."""
+    """Logits (U, M) of each history's candidates (U, M) item indices; -inf where a candidate is 0 (none).
+
+    A model with its own `score_candidates(batch, candidates)` (DIN) scores each history's M
+    candidates together, sharing the history's work; the others score flat pairs."""
     U, M = candidates.shape
+    if hasattr(model, "score_candidates"):
+        return _score_per_history(model, ds, hist, candidates)
     valid = candidates.reshape(-1) > 0
     rows = np.repeat(np.arange(U, dtype=np.int64), M)[valid]
     pairs = PairSet(rows, hist.lengths()[rows], candidates.reshape(-1)[valid].astype(np.int64),
@@ -62,3 +71,22 @@ def rerank(model: Ranker, ds: Dataset, hist: Histories, candidates: np.ndarray) 
     logits = score_candidates(model, ds, hist, candidates)
     order = np.argsort(-logits, axis=1, kind="stable")
     return order, np.take_along_axis(logits, order, 1)
+
+
+@torch.no_grad()
+def _score_per_history(model: Ranker, ds: Dataset, hist: Histories, candidates: np.ndarray) -> np.ndarray:
+    """score_candidates through the model's per-history scorer, in chunks of histories."""
+    model.eval()
+    spec = needs(model)
+    U, M = candidates.shape
+    logits = np.full((U, M), -np.inf, dtype=np.float32)
+    step = max(1, PAIRS_PER_CALL // max(1, M * spec.max_len))
+    lengths = hist.lengths()
+    for i in range(0, U, step):
+        rows = np.arange(i, min(i + step, U))
+        b = make_rank_batch(ds, None, rows, lengths[rows], np.zeros(len(rows), np.int64), None, spec.max_len,
+                            seqs=hist)
+        cand = candidates[rows].astype(np.int64)  # (R, M), 0 = none: scored as padding, then -inf
+        out = model.score_candidates(b, torch.from_numpy(cand)).numpy()  # type: ignore[union-attr]
+        logits[rows] = np.where(cand > 0, out, -np.inf)
+    return logits
