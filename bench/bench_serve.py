@@ -252,6 +252,8 @@ def metrics_snapshot(base: str) -> dict[str, float]:
                 label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("le", "worker"))
                 key = f"{s.name}{{{label}}}"
                 flat[key] = flat.get(key, 0.0) + s.value
+                if s.name == "retrieve_batch_requests_sum" and "worker" in s.labels:  # how the load spread
+                    flat[f"by_worker:{s.labels['worker']}"] = s.value
     return flat
 
 
@@ -272,6 +274,7 @@ def profile(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]
         "stage_us_per_request": {k: v / requests * 1e6 for k, v in stages.items()},
         "stage_ms_per_batch": {k: v / batches * 1e3 for k, v in stages.items()},
         "server_latency_ms_mean": http / http_n * 1e3 if http_n else None,
+        "requests_by_worker": {k.split(":", 1)[1]: v for k, v in d.items() if k.startswith("by_worker:")} or None,
     }
 
 
