@@ -268,6 +268,7 @@ class Server:
         self.preloaded = preloaded  # loaded before the process forked: served at once
         self.link = link
         self._staged: tuple[int, Recommender, ServeConfig] | None = None  # a worker's prepared reload
+        self._aborted: set[int] = set()  # reloads aborted (another worker failed) while this one still loaded
         self.batcher: MicroBatcher | None = None
         self.fatal: BaseException | None = None  # the initial load failed: the process exits with it
         self.on_fatal: Any = None  # set by serve(): stops uvicorn
@@ -400,6 +401,8 @@ class Server:
                          ranker=Path(paths["ranker"]) if paths["ranker"] else None)
         self._staged = None
         rec = self._load(config)
+        if token in self._aborted:  # the others gave up meanwhile: drop it rather than hold a second model
+            return
         self._staged = (token, rec, config)
 
     def commit_staged(self, token: int) -> dict[str, Any]:
@@ -414,7 +417,8 @@ class Server:
         return {**self.last_reload, "info": rec.info()}
 
     def abort_staged(self, token: int, reason: str) -> None:
-        """A worker's abort: drop what it loaded; the old model keeps serving."""
+        """A worker's abort: drop what it loaded (or is still loading); the old model keeps serving."""
+        self._aborted.add(token)
         self._staged = None
         self.metrics.reloads.labels("failed").inc()
         self.last_reload = {"ok": False, "error": reason, "at": time.time()}

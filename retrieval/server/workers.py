@@ -53,6 +53,7 @@ from retrieval.errors import RetrievalError
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+KILL_AFTER_S = 10.0  # beyond --drain-s, how long the supervisor waits for draining workers before SIGKILL
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -166,6 +167,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping = False
         self.failed = False
+        self.kill_at: float | None = None  # once stopping: when workers still draining get SIGKILL
 
     # --- lifecycle
 
@@ -217,6 +219,12 @@ class Supervisor:
                 else:
                     self.stop(f"signal {signal.Signals(sig).name}")
             self._reap()
+            if self.kill_at is not None and time.monotonic() > self.kill_at:
+                log.error("workers still running %.0fs after SIGTERM: killing them", self.drain_s + KILL_AFTER_S)
+                self.failed, self.kill_at = True, None
+                for c in self.children.values():
+                    with _quiet():
+                        os.kill(c.pid, signal.SIGKILL)
         return 1 if self.failed else 0
 
     def stop(self, why: str) -> None:
@@ -224,6 +232,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self.kill_at = time.monotonic() + self.drain_s + KILL_AFTER_S
         log.info("stopping the workers (%s)", why)
         for c in self.children.values():
             with _quiet():
