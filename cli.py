@@ -572,6 +572,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests coalesced into one model call.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a request waits for others to join its batch (ms).")] = 1.0,
     threads: Annotated[int, typer.Option(min=1, help="torch and FAISS threads of the model worker.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes on the one port (load once, then fork: "
+                                         "the model's memory is shared); about one per core.")] = 1,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get 413.")] = 1 << 20,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for the model beyond which new ones get 503 (load shedding).")] = 2000,
     drain_s: Annotated[float, typer.Option(min=0, help="On SIGTERM, longest wait for requests in flight (s).")] = 30.0,
@@ -580,7 +582,9 @@ def serve(
     """Serve recommendations over HTTP from a resident process (FastAPI + uvicorn).
 
     POST /recommend {user?, history?, n, rank, candidates, explain}; /readyz answers 200 once
-    loaded; POST /admin/reload or SIGHUP reloads; SIGTERM drains. The explorer page is at /."""
+    loaded; POST /admin/reload or SIGHUP reloads; SIGTERM drains. The explorer page is at /.
+    With --workers N, N processes share the port and the loaded model; a reload swaps all of
+    them or none, /metrics labels each series with its worker."""
     from retrieval.server.app import ServeConfig, serve as run_server
 
     for p in (bundle, index, ranker):
@@ -589,7 +593,7 @@ def serve(
     config = ServeConfig(bundle=bundle, index=index, ranker=ranker, merge=merge, max_batch=max_batch,
                          max_wait_ms=max_wait_ms, threads=threads, max_body_bytes=max_body_bytes, max_queue=max_queue,
                          drain_s=drain_s)
-    run_server(config, host=host, port=port, access_log=access_log)
+    run_server(config, host=host, port=port, access_log=access_log, workers=workers)
 
 
 @app.command()

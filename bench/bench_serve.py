@@ -1,6 +1,6 @@
 """The resident server under load (issue 11): `retrieve serve` on 127.0.0.1, open-loop load from another process.
 
-    python bench/bench_serve.py smoke|full OUT_DIR [--threads T] [--seconds S]
+    python bench/bench_serve.py smoke|full OUT_DIR [--threads T] [--seconds S] [--workers N] [--factory F]
 
 Data, bundle and index are bench_query's (its preparation code, reused from OUT_DIR when a
 query run left them there): at "full" the 1M-item synthetic log, MIND K=4 D=64 trained 300
@@ -24,7 +24,8 @@ measured here, its cost is). Then, in this order:
 
 Request mix: 2,000 users drawn from the log; one request in five appends three fresh
 behaviours (random item ids) to the user's stored ones. The server runs its defaults
-(one worker thread with one torch and one FAISS thread, max batch 64, max wait 1 ms).
+(one model thread per process with one torch and one FAISS thread, max batch 64, max wait 1 ms;
+--workers N starts N such processes on the port, `retrieve serve --workers N`).
 Everything runs on this one machine: the figures hold for a shared 2-core box, and the
 conditions (load average before and after) are recorded with them.
 """
@@ -206,9 +207,37 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def server_pids(pid: int) -> list[int]:
+    """The server process and its workers (`serve --workers N` forks them)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid] + ([int(p) for p in children.read_text().split()] if children.exists() else [])
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server and its workers."""
+    total = 0
+    for p in server_pids(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def memory(pid: int) -> dict[str, Any]:
+    """Resident memory of the server: VmRSS/VmHWM of the process it started with (the supervisor
+    with workers), each worker's, and the proportional set size (PSS) summed over all of them:
+    pages shared copy-on-write between workers counted once, what the service costs the machine."""
+    pids = server_pids(pid)
+    out: dict[str, Any] = {**proc_status(pid), "processes": len(pids)}
+    if len(pids) > 1:
+        out["workers"] = [proc_status(p) for p in pids[1:]]
+    pss = 0
+    for p in pids:
+        rollup = Path(f"/proc/{p}/smaps_rollup")
+        for line in rollup.read_text().splitlines() if rollup.exists() else []:
+            if line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    out["Pss_total"] = pss
+    return out
 
 
 def metrics_snapshot(base: str) -> dict[str, float]:
@@ -219,9 +248,12 @@ def metrics_snapshot(base: str) -> dict[str, float]:
     flat: dict[str, float] = {}
     for family in text_string_to_metric_families(text.decode()):
         for s in family.samples:
-            if s.name.endswith(("_sum", "_count")) or s.name.endswith("_total"):
-                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
-                flat[f"{s.name}{{{label}}}"] = s.value
+            if s.name.endswith(("_sum", "_count")) or s.name.endswith("_total"):  # summed over workers
+                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("le", "worker"))
+                key = f"{s.name}{{{label}}}"
+                flat[key] = flat.get(key, 0.0) + s.value
+                if s.name == "retrieve_batch_requests_sum" and "worker" in s.labels:  # how the load spread
+                    flat[f"by_worker:{s.labels['worker']}"] = s.value
     return flat
 
 
@@ -242,6 +274,7 @@ def profile(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]
         "stage_us_per_request": {k: v / requests * 1e6 for k, v in stages.items()},
         "stage_ms_per_batch": {k: v / batches * 1e3 for k, v in stages.items()},
         "server_latency_ms_mean": http / http_n * 1e3 if http_n else None,
+        "requests_by_worker": {k.split(":", 1)[1]: v for k, v in d.items() if k.startswith("by_worker:")} or None,
     }
 
 
@@ -284,13 +317,13 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: Path, max_batch: int
+def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: Path, max_batch: int, workers: int = 1
                  ) -> tuple[subprocess.Popen, float]:
     """`retrieve serve` in a new process; seconds from the command until /readyz answers 200."""
     exe = shutil.which("retrieve", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "cli"]
     cmd += ["serve", "--bundle", str(bundle), "--index", str(index), "--ranker", str(ranker), "--port", str(port),
-            "--max-batch", str(max_batch)]
+            "--max-batch", str(max_batch), "--workers", str(workers)]
     t0 = time.perf_counter()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -322,10 +355,13 @@ def highest_held(rows: list[dict[str, Any]], p99_ms: float) -> float | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | None = None) -> dict[str, Any]:
+def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | None = None, workers: int = 1,
+        factory: str | None = None) -> dict[str, Any]:
     s = SCALES[scale]
     if seconds:
         s = replace(s, seconds=seconds)
+    if factory:
+        s = replace(s, factory=factory)
     q = bench_query.SCALES[s.query]
     q = bench_query.Scale(**{**asdict(q), "threads": threads or q.threads})
     torch.set_num_threads(q.threads)
@@ -350,11 +386,11 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc, ready_s = start_server(bundle_dir, index_dir, ranker_dir, port, work / "server.log", s.max_batch)
+    proc, ready_s = start_server(bundle_dir, index_dir, ranker_dir, port, work / "server.log", s.max_batch, workers)
     log.info("server ready in %.1fs", ready_s)
     result: dict[str, Any] = {}
     try:
-        memory_ready = proc_status(proc.pid)
+        memory_ready = memory(proc.pid)
         for body in (bodies[0], rank_bodies[0]):  # first requests off the clock
             post(f"{base}/recommend", body)
         trivial = sweep(base, proc.pid, "/healthz", None, s.rates, s.seconds, work, "healthz", None)
@@ -382,7 +418,7 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
                   "max_ms": under["max_ms"]}
         log.info("hot reload under %.0f/s: %s in %.1fs, %d errors of %d", reload_rate, status, reload_s,
                  under["errors"], under["sent"])
-        memory_after = proc_status(proc.pid)
+        memory_after = memory(proc.pid)
     finally:
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
@@ -395,7 +431,7 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
 
     conditions["load_average_after"] = load_average()
     result = {
-        "benchmark": "serve", "scale": scale, "settings": asdict(s), "query_scale": asdict(q), "n": N,
+        "benchmark": "serve", "scale": scale, "settings": {**asdict(s), "workers": workers}, "query_scale": asdict(q), "n": N,
         "candidates": CANDIDATES, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "packages": package_versions(), "conditions": conditions, "data_and_training": prepared,
         "index": {k: index_manifest.get(k) for k in ("factory", "ntotal", "search_param", "search_value", "tuning")},
@@ -440,8 +476,18 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def rss(m: dict[str, Any]) -> str:
+    """Resident memory in words: one process's RSS, or with workers each worker's and the PSS of all."""
+    if "workers" not in m:
+        return f"RSS {m['VmRSS'] / 2**30:.2f} GiB (peak {m['VmHWM'] / 2**30:.2f})"
+    each = ", ".join(f"{w['VmRSS'] / 2**30:.2f}" for w in m["workers"])
+    return (f"RSS supervisor {m['VmRSS'] / 2**30:.2f}, workers {each} GiB, PSS of all {m['Pss_total'] / 2**30:.2f} GiB")
+
+
 def table(result: dict[str, Any]) -> str:
     d, ip, st = result["data_and_training"], result["inprocess"], result["startup"]
+    n_workers = result["settings"].get("workers", 1)
+    workers = f" --workers {n_workers}" if n_workers > 1 else ""
     idx = result["index"]
     tuned = (idx.get("tuning") or {}).get("recall")
     lines = [
@@ -450,8 +496,8 @@ def table(result: dict[str, Any]) -> str:
         + f", n={result['n']}, rerank M={result['candidates']} with DIN; load average "
         f"{result['conditions']['load_average_before'][0]:.1f} before, {result['conditions']['load_average_after'][0]:.1f} "
         f"after; wall {result['wall_s']:.0f}s",
-        f"ready {st['ready_s']:.1f}s after `retrieve serve`; RSS {st['memory_ready']['VmRSS'] / 2**30:.2f} GiB ready, "
-        f"{st['memory_after_load']['VmRSS'] / 2**30:.2f} GiB after the load (peak {st['memory_after_load']['VmHWM'] / 2**30:.2f})",
+        f"ready {st['ready_s']:.1f}s after `retrieve serve`{workers}; {rss(st['memory_ready'])} ready, "
+        f"{rss(st['memory_after_load'])} after the load",
         f"in process (batch {ip['batch']}): retrieval {ip['retrieval']['requests_per_s']:,.0f} requests/s, "
         f"with DIN {ip['rank']['requests_per_s']:,.0f} requests/s",
         f"{'run':<10} {'offered':>7} {'achieved':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
@@ -489,6 +535,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the preparation (bench_query's, to reuse its bundle); the server uses one")
     parser.add_argument("--seconds", type=float, default=None, help="length of each rate's run (default: per scale)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (retrieve serve --workers)")
+    parser.add_argument("--factory", default=None,
+                        help="index family served instead of the scale's (built and tuned to recall@50 >= 0.95 "
+                             "on validation users when OUT_DIR does not hold it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -496,7 +546,8 @@ def main() -> None:
     if args.summarise:
         result = summarise(json.loads(path.read_text()))
     else:
-        result = run(args.scale, args.out_dir, threads=args.threads, seconds=args.seconds)
+        result = run(args.scale, args.out_dir, threads=args.threads, seconds=args.seconds, workers=args.workers,
+                     factory=args.factory)
     atomic_write_json(path, result)
     print(table(result))
     print(f"report: {path}")

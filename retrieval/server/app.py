@@ -47,6 +47,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.metrics_core import Metric
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
@@ -63,6 +64,7 @@ from retrieval.serving import (
 from retrieval.serving import Response as Answer
 from retrieval.serving import set_threads
 from retrieval.server.batcher import BatcherClosed, MicroBatcher, Overloaded
+from retrieval.server.workers import WorkerLink, path_dict
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +257,18 @@ class Metrics:
 
 
 class Server:
-    """The loaded Recommender, the batcher feeding it, reloads and metrics."""
+    """The loaded Recommender, the batcher feeding it, reloads and metrics. In a worker of
+    `serve --workers N` (retrieval.server.workers), `link` is its pipe to the supervisor:
+    reloads and /metrics then go through it, across every worker."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, preloaded: Recommender | None = None, link: WorkerLink | None = None):
         self.config = config  # the paths being served and the settings
         self.metrics = Metrics()
         self.recommender: Recommender | None = None
+        self.preloaded = preloaded  # loaded before the process forked: served at once
+        self.link = link
+        self._staged: tuple[int, Recommender, ServeConfig] | None = None  # a worker's prepared reload
+        self._aborted: set[int] = set()  # reloads aborted (another worker failed) while this one still loaded
         self.batcher: MicroBatcher | None = None
         self.fatal: BaseException | None = None  # the initial load failed: the process exits with it
         self.on_fatal: Any = None  # set by serve(): stops uvicorn
@@ -274,7 +282,13 @@ class Server:
         self.batcher = MicroBatcher(self._handle, max_batch=self.config.max_batch,
                                     max_wait_s=self.config.max_wait_ms / 1000, max_queue=self.config.max_queue,
                                     on_start=lambda: set_threads(self.config.threads), on_batch=self._on_batch)
-        self._spawn(self._initial_load())
+        if self.link is not None:
+            self.link.start(self, asyncio.get_running_loop())
+        if self.preloaded is not None:
+            self.recommender, self.preloaded = self.preloaded, None
+            self.metrics.serving(self.recommender, self.config)
+        else:
+            self._spawn(self._initial_load())
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -302,11 +316,7 @@ class Server:
 
     def _load(self, paths: ServeConfig) -> Recommender:
         """Load, verify and warm a Recommender (in a thread, off the event loop)."""
-        set_threads(self.config.threads)
-        rec = Recommender.load(paths.bundle, paths.index, paths.ranker, merge=paths.merge)  # type: ignore[arg-type]
-        rec.warm()
-        gc.freeze()  # the loaded objects leave the collector's generations: its full passes stay short
-        return rec
+        return load_recommender(paths)
 
     def ready(self) -> Recommender:
         if self.recommender is None:
@@ -354,6 +364,8 @@ class Server:
                     index=Path(body.index) if body.index else paths.index,
                     ranker=(Path(body.ranker) if body.ranker else None) if "ranker" in given else paths.ranker,
                 )
+            if self.link is not None:
+                return await self._reload_workers(paths)
             try:
                 rec = await asyncio.get_running_loop().run_in_executor(None, self._load, paths)
             except Exception as err:  # noqa: BLE001 - any failure keeps the old model
@@ -372,6 +384,51 @@ class Server:
             return {"status": "reloaded", **self.last_reload, "info": rec.info()}
         finally:
             self._reloading = False
+
+    async def _reload_workers(self, paths: ServeConfig) -> dict[str, Any]:
+        """A reload of every worker through the supervisor: all swap, or none does."""
+        assert self.link is not None
+        outcome = await self.link.ask("reload", path_dict(paths.bundle, paths.index, paths.ranker))
+        if outcome.get("busy"):
+            raise ReloadBusy()
+        if not outcome["ok"]:
+            raise RequestError(f"reload failed, still serving {self.config.bundle}: {outcome['error']}")
+        return {"status": "reloaded", **{k: v for k, v in outcome.items() if k != "status"}}
+
+    def stage(self, token: int, paths: dict[str, str | None]) -> None:
+        """A worker's prepare: load and verify `paths` beside the model in use (a thread of its own)."""
+        config = replace(self.config, bundle=Path(paths["bundle"] or ""), index=Path(paths["index"] or ""),
+                         ranker=Path(paths["ranker"]) if paths["ranker"] else None)
+        self._staged = None
+        rec = self._load(config)
+        if token in self._aborted:  # the others gave up meanwhile: drop it rather than hold a second model
+            return
+        self._staged = (token, rec, config)
+
+    def commit_staged(self, token: int) -> dict[str, Any]:
+        """A worker's commit (on the event loop): swap the staged model in; the reload's outcome."""
+        staged, self._staged = self._staged, None
+        assert staged is not None and staged[0] == token, "commit without a prepared reload"
+        _, rec, config = staged
+        self.recommender, self.config = rec, config
+        self.metrics.serving(rec, config)
+        self.metrics.reloads.labels("ok").inc()
+        self.last_reload = {"ok": True, "at": time.time(), "fingerprints": rec.fingerprints()}
+        return {**self.last_reload, "info": rec.info()}
+
+    def abort_staged(self, token: int, reason: str) -> None:
+        """A worker's abort: drop what it loaded (or is still loading); the old model keeps serving."""
+        self._aborted.add(token)
+        self._staged = None
+        self.metrics.reloads.labels("failed").inc()
+        self.last_reload = {"ok": False, "error": reason, "at": time.time()}
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus text: this process's registry, or in a worker every worker's, labelled worker="i"."""
+        if self.link is None:
+            return generate_latest(self.metrics.registry)
+        gathered = await self.link.ask("metrics")
+        return generate_latest(_Gathered(gathered))
 
     def reload_on_signal(self) -> None:
         """SIGHUP: reload the same paths in the background; the outcome goes to the log and /metrics."""
@@ -516,9 +573,10 @@ def explorer_html() -> str:
     return resources.files("retrieval.server").joinpath("explorer.html").read_text(encoding="utf-8")
 
 
-def create_app(config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `config`; its state is app.state.server (a Server)."""
-    server = Server(config)
+def create_app(config: ServeConfig, preloaded: Recommender | None = None, link: WorkerLink | None = None) -> FastAPI:
+    """The FastAPI app serving `config` (`preloaded` and `link` in a worker of `serve --workers`);
+    its state is app.state.server (a Server)."""
+    server = Server(config, preloaded, link)
     page = explorer_html()
 
     @asynccontextmanager
@@ -569,12 +627,15 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def readyz() -> JSONResponse:
         """Ready once the artifacts are loaded."""
         rec = server.ready()
-        return JSONResponse({"status": "ready", "fingerprints": rec.fingerprints()})
+        ready: dict[str, Any] = {"status": "ready", "fingerprints": rec.fingerprints()}
+        if server.link is not None:
+            ready.update(worker=server.link.worker, workers=server.link.workers)
+        return JSONResponse(ready)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format."""
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await server.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", responses={**ERRORS, 409: {"model": ErrorBody, "description": "a reload is running"}},
               openapi_extra=_body_schema(ReloadBody, required=False))
@@ -614,17 +675,73 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
-          log_level: str = "info") -> None:
-    """Run the server until SIGTERM or SIGINT (graceful: requests in flight finish); raises the
-    RetrievalError of an initial load that failed."""
-    import uvicorn
+def load_recommender(paths: ServeConfig) -> Recommender:
+    """Load, verify and warm the Recommender of `paths` (the initial load, a reload, a worker's prepare)."""
+    set_threads(paths.threads)
+    rec = Recommender.load(paths.bundle, paths.index, paths.ranker, merge=paths.merge)  # type: ignore[arg-type]
+    rec.warm()
+    gc.freeze()  # the loaded objects leave the collector's generations: its full passes stay short
+    return rec
 
+
+class _Gathered:
+    """A collector over every worker's metric families ({worker: [Metric]}), each sample
+    labelled with its worker; families of the same name merge into one."""
+
+    def __init__(self, gathered: dict[int, list[Any]]):
+        self.gathered = gathered
+
+    def collect(self) -> list[Any]:
+        merged: dict[str, Any] = {}
+        for worker in sorted(self.gathered):
+            for family in self.gathered[worker]:
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                into.samples.extend(s._replace(labels={**s.labels, "worker": str(worker)}) for s in family.samples)
+        return list(merged.values())
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
+          log_level: str = "info", workers: int = 1) -> None:
+    """Run the server until SIGTERM or SIGINT (graceful: requests in flight finish); raises the
+    RetrievalError of an initial load that failed. With `workers` > 1: load once, fork that many
+    processes on one port (retrieval.server.workers); the service's exit code is raised as SystemExit."""
     set_threads(config.threads)
     # the event loop and the model worker share the GIL: a 1 ms switch interval (Python's default
     # is 5 ms) keeps a batch's pure-Python stretches from holding up the parsing of new requests
     sys.setswitchinterval(0.001)
+    if workers > 1:
+        _serve_workers(config, host, port, access_log, log_level, workers)
+        return
     app = create_app(config)
+    _run_uvicorn(app, config, access_log, log_level, host=host, port=port)
+
+
+def _serve_workers(config: ServeConfig, host: str, port: int, access_log: bool, log_level: str, workers: int) -> None:
+    from retrieval.server.workers import listen, run_supervised
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     [%(process)d] %(message)s")
+    sock = listen(host, port)
+
+    def worker(rec: Recommender, index: int, conn: Any, count: int) -> int:
+        from retrieval.server.workers import WorkerLink
+
+        app = create_app(config, preloaded=rec, link=WorkerLink(conn, index, count))
+        _run_uvicorn(app, config, access_log, log_level, sockets=[sock])
+        return 0
+
+    code = run_supervised(lambda: load_recommender(config), worker, workers,
+                          path_dict(config.bundle, config.index, config.ranker), config.drain_s, sock)
+    if code:
+        raise SystemExit(code)
+
+
+def _run_uvicorn(app: FastAPI, config: ServeConfig, access_log: bool, log_level: str, host: str = "127.0.0.1",
+                 port: int = 8000, sockets: list[Any] | None = None) -> None:
+    import uvicorn
+
     server: Server = app.state.server
     uv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
                                        timeout_graceful_shutdown=int(config.drain_s), lifespan="on"))
@@ -640,7 +757,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, access
     # drained shutdown then exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, drained)
     try:
-        uv.run()
+        uv.run(sockets=sockets)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if server.fatal is not None:
