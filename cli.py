@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import json
 import logging
@@ -115,6 +116,37 @@ def _neg_alpha(value: float) -> float:
     return value
 
 
+def _interests(value: str) -> str:
+    """--interests: a positive K, or auto (train K = 1, 2, 4, 8 and keep the best on validation)."""
+    text = value.strip().lower()
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise typer.BadParameter(f"must be a positive integer or auto, got {value!r}")
+    return text
+
+
+def _interest_count(value: str) -> Optional[int]:
+    """K from a checked --interests value, None for auto."""
+    return None if value == "auto" else int(value)
+
+
+def _model_settings(extractor: str, **settings: Any) -> dict[str, Any]:
+    """The settings the extractor's config takes: routing's own fields are dropped for the others."""
+    if extractor != "routing":
+        for name in ("routing_iters", "routing_grad"):
+            settings.pop(name, None)
+    return settings
+
+
+def _attention(extractor: str, attention: Optional[str]) -> str:
+    """--attention, or the extractor's own default when not given (MIND: max)."""
+    from retrieval.retrievers import retriever_classes
+
+    if attention is not None:
+        return attention
+    _, config_cls = retriever_classes(extractor)
+    return next(f.default for f in dataclasses.fields(config_cls) if f.name == "attention")
+
+
 def _data_spec(interactions: Path, items: Optional[Path], users: Optional[Path], user_col: str, item_col: str,
                time_col: str, item_features: Optional[str], user_features: Optional[str]) -> Any:
     from retrieval.data import DataSpec
@@ -153,15 +185,20 @@ ItemCol = Annotated[str, typer.Option(help="Item id column.")]
 TimeCol = Annotated[str, typer.Option(help="Timestamp column (numeric).")]
 ItemFeatures = Annotated[Optional[str], typer.Option(help="Comma-separated item feature columns of --items (default: all but id and title).")]
 UserFeatures = Annotated[Optional[str], typer.Option(help="Comma-separated profile columns of --users (default: all but id).")]
-Interests = Annotated[int, typer.Option("--interests", "-k", min=1, help="K: most interest vectors per user.")]
+Interests = Annotated[str, typer.Option("--interests", "-k", callback=_interests, help="K: most interest vectors per user, or auto: train K = 1, 2, 4, 8 and keep the best on validation users (every K's figures go in the bundle or report).")]
+Extractor = Annotated[Literal["routing", "self-attention"], typer.Option(help="Interest extractor: routing (MIND's B2I dynamic routing) or self-attention (ComiRec-SA).")]
+HardNegatives = Annotated[float, typer.Option(callback=_non_negative, help="REMI's beta: sampled negatives reweighted by exp(beta * logit), so hard ones count more (0 = off).")]
+PeakPenalty = Annotated[float, typer.Option(callback=_non_negative, help="REMI's lambda: routing regularisation against interests whose behaviour weights peak on few behaviours (0 = off). With --extractor routing it needs --routing-grad.")]
+RoutingGrad = Annotated[bool, typer.Option("--routing-grad/--no-routing-grad", help="Let gradients through MIND's routing logits (not in the paper; without it --peak-penalty changes nothing on routing).")]
+TargetWindow = Annotated[int, typer.Option(min=1, help="W: each training window's target is drawn from the next W behaviours (1 = the next item).")]
 Dim = Annotated[int, typer.Option(min=2, help="D: embedding size.")]
 MaxLen = Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")]
 Pow = Annotated[float, typer.Option(callback=_non_negative, help="Label-aware attention power p (0 = mean).")]
-HardAttention = Annotated[bool, typer.Option("--hard-attention/--power-attention", help="Label-aware attention: the best-matching interest (default, best on validation) or softmax(s^p) with --pow.")]
+Attention = Annotated[Optional[Literal["max", "hard", "power"]], typer.Option(help="How training reads the interests: max (every candidate, the target and each negative, scored by its best interest, as the best-score merge serves; routing's default), hard (the label-aware attention's best-matching interest for the target, the paper's p -> infinity; self-attention's default) or power (softmax(s^p) with --pow).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Most epochs.")]
 BatchSize = Annotated[int, typer.Option(min=1)]
 Lr = Annotated[float, typer.Option(callback=_non_negative, help="Adam learning rate.")]
-Negatives = Annotated[int, typer.Option(min=1, help="Sampled negatives per batch.")]
+Negatives = Annotated[int, typer.Option(min=0, help="Sampled negatives per batch; 0 = every item (full softmax, no log-Q).")]
 NegAlpha = Annotated[float, typer.Option(callback=_neg_alpha, help="Negatives drawn ∝ (frequency + 1)^alpha, alpha in [-4, 4] (0 = uniform, 1 = by popularity).")]
 Patience = Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs.")]
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Training seed.")]
@@ -257,12 +294,13 @@ def train(
     time_col: TimeCol = "timestamp",
     item_features: ItemFeatures = None,
     user_features: UserFeatures = None,
-    interests: Interests = 4,
+    interests: Interests = "4",
+    extractor: Extractor = "routing",
     dim: Dim = 64,
     max_len: MaxLen = 50,
     routing_iters: Annotated[int, typer.Option(min=1, help="Dynamic-routing iterations.")] = 3,
     pow: Pow = 2.0,
-    hard_attention: HardAttention = True,
+    attention: Attention = None,
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -274,6 +312,10 @@ def train(
     split: SplitKind = "user",
     merge: Merge = "best",
     max_steps: Annotated[int, typer.Option(min=0, help="Cap on steps per epoch (smoke runs, benchmarks); 0 = whole epochs.")] = 0,
+    hard_negatives: HardNegatives = 0.0,
+    peak_penalty: PeakPenalty = 0.0,
+    routing_grad: RoutingGrad = False,
+    target_window: TargetWindow = 1,
     force: Force = False,
     threads: Threads = 0,
     device: Device = "auto",
@@ -283,26 +325,41 @@ def train(
     checkpoint_every: CheckpointEvery = 0,
     checkpoint: Checkpoint = None,
 ) -> None:
-    """Train MIND on the log's training data; write a model bundle (best validation Recall@50).
+    """Train a multi-interest retriever (MIND by default) on the log's training data; write a
+    model bundle (best validation Recall@50).
 
     Under torchrun (`torchrun --nproc_per_node=N -m cli train ...`) the processes train one
     model data-parallel: --batch-size is the global batch, rank 0 validates and writes."""
     from retrieval.bundle import KIND
     from retrieval.data import load_dataset, make_split
-    from retrieval.train import TrainConfig, model_config_for, train as run_train
+    from retrieval.train import TrainConfig, model_config_for, search_interests, train as run_train
 
+    k = _interest_count(interests)
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
+    if k is None and resume:
+        _fail("--resume continues one training run; --interests auto trains several (give one K)")
     with _runtime(device, precision, compile) as (runtime, group):
         _claim_on_main(group, out, KIND, (interactions, items, users), force)
         ds = load_dataset(spec)
         split_kind, split = split, make_split(ds, split, split_seed)
-        cfg = model_config_for(ds, dim=dim, interests=interests, max_len=max_len, routing_iters=routing_iters,
-                               pow=pow, attention="hard" if hard_attention else "power", seed=seed)
+        settings = _model_settings(extractor, dim=dim, interests=k or 1, max_len=max_len, pow=pow,
+                                   attention=_attention(extractor, attention), seed=seed,
+                                   hard_negatives=hard_negatives, peak_penalty=peak_penalty,
+                                   routing_iters=routing_iters, routing_grad=routing_grad)
+        cfg = model_config_for(ds, extractor, **settings)
         tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
                          patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
-                         threads=threads, max_steps=max_steps)
-        result = run_train(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime,
-                           checkpointing=_checkpointing(out, checkpoint, checkpoint_every, resume))
+                         threads=threads, max_steps=max_steps, target_window=target_window)
+        if k is None:
+            search = search_interests(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime)
+            if group.main:
+                for kk, f in search.figures.items():
+                    typer.echo(f"K={kk}  val recall@50 {f['val_recall@50']:.4f}  ndcg@50 {f['val_ndcg@50']:.4f}  "
+                               f"best epoch {f['best_epoch']}" + ("  <- chosen" if kk == search.k else ""))
+            result = search.best
+        else:
+            result = run_train(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime,
+                               checkpointing=_checkpointing(out, checkpoint, checkpoint_every, resume))
         if group.main:
             typer.echo(f"bundle: {out}  best epoch {result.best_epoch}  val recall@50 {result.best_recall:.4f}  "
                        f"{result.samples_per_s:,.0f} samples/s" + (f"  ({group.world} processes)" if group.parallel else ""))
@@ -693,11 +750,12 @@ def experiment(
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated split seeds (default: 2026-2030 on the user split, 2026 on the temporal split).")] = None,
     split: SplitKind = "user",
     train_seeds: Annotated[Optional[str], typer.Option(help="Comma-separated training seeds, each run on every split seed (default: --seed on the user split, 0-4 on the temporal split).")] = None,
-    interests: Interests = 4,
+    interests: Interests = "4",
+    extractor: Extractor = "routing",
     dim: Dim = 64,
     max_len: MaxLen = 50,
     pow: Pow = 2.0,
-    hard_attention: HardAttention = True,
+    attention: Attention = None,
     epochs: Epochs = 30,
     batch_size: BatchSize = 256,
     lr: Lr = 3e-3,
@@ -705,6 +763,10 @@ def experiment(
     neg_alpha: NegAlpha = 1.0,
     patience: Patience = 3,
     seed: Seed = 0,
+    hard_negatives: HardNegatives = 0.0,
+    peak_penalty: PeakPenalty = 0.0,
+    routing_grad: RoutingGrad = False,
+    target_window: TargetWindow = 1,
     settings: Annotated[Optional[str], typer.Option(help="More settings of the main MIND, key=value;key=value (any model-config or training field).")] = None,
     variants: Annotated[Optional[str], typer.Option(help="Comma-separated variants of the main MIND, each name:key=value;key=value (name: mind, or a registered retriever), e.g. one per remedy switched off.")] = None,
     tune: Annotated[Optional[str], typer.Option(help="Grid tried for the main MIND and for K=1 alike (the same budget), best validation Recall@50 kept: key=v1,v2;key=v1,v2.")] = None,
@@ -741,8 +803,14 @@ def experiment(
             raise ValueError
     except ValueError:
         _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
-    model_settings: dict[str, Any] = {"interests": interests, "dim": dim, "max_len": max_len, "pow": pow,
-                                      "attention": "hard" if hard_attention else "power", "seed": seed}
+    k = _interest_count(interests)
+    model_settings: dict[str, Any] = {"interests": interests if k is None else k, "dim": dim, "max_len": max_len,
+                                      "pow": pow, "attention": _attention(extractor, attention), "seed": seed}
+    if extractor != "routing":
+        model_settings["retriever"] = extractor
+    # the remedies only when asked for, so that a variant of another retriever inherits no field it lacks
+    remedies = {"hard_negatives": hard_negatives, "peak_penalty": peak_penalty, "routing_grad": routing_grad}
+    model_settings.update(_model_settings(extractor, **{key: v for key, v in remedies.items() if v}))
     try:
         model_settings.update(parse_settings(settings or "", "--settings entry"))
         variant_list = [v.strip() for v in (variants or "").split(",") if v.strip()]
@@ -759,7 +827,8 @@ def experiment(
         _claim_on_main(group, out, KIND, (interactions, items, users), force)
         ds = load_dataset(spec)
         tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
-                         patience=patience, seed=seed, split=split, threads=threads)
+                         patience=patience, seed=seed, split=split, threads=threads,
+                         target_window=target_window)
         md = out.with_suffix(".md")
 
         def write(partial: dict[str, Any]) -> None:
@@ -781,8 +850,11 @@ def experiment(
                                                       f"{report['runs']} runs, test users")),
                                str(plot_training(histories, plots / TRAINING_PNG))]
         write(report)
+        chosen = ""
+        if k is None:
+            chosen = "  K chosen per run " + ",".join(str(r["interests_search"]["chosen"]) for r in report["per_run"])
         typer.echo(f"{report['dataset']}  {split} split  seeds {seed_list}  training seeds {train_seed_list}  "
-                   f"K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s")
+                   f"{extractor}  K={interests} L={max_len} D={dim}  wall {report['wall_time_s']:.0f}s{chosen}")
         typer.echo(format_table(report))
         for p in report.get("plots", []):
             typer.echo(f"plot: {p}")

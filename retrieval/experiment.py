@@ -17,6 +17,11 @@ label of a row is the variant's text.
 Tuning budget. `tune` is a grid (`lr=0.001,0.003;dim=32,64`) tried for the main MIND and for
 K=1 alike on every run, each keeping its best validation Recall@50: K=1 gets the same budget
 as the multi-interest model. With no grid, both train once at the given settings.
+
+`interests="auto"` (`--interests auto`): the main MIND is tuned once per K in 1, 2, 4, 8 and
+the K with the best validation Recall@50 is reported as "mind"; "mind_k1" is the search's own
+K=1 model (the same budget, no second training), and the run records every K's figures under
+"interests_search". Variants are trained at the chosen K.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from retrieval.device import Runtime
 from retrieval.distributed import current, from_main
 from retrieval.evaluate import KNN_K, evaluate_models
 from retrieval.retrievers import DEFAULT, RETRIEVERS, retriever_classes
-from retrieval.train import TrainConfig, TrainResult, model_config_for, train
+from retrieval.train import AUTO_INTERESTS, TrainConfig, TrainResult, choose_interests, model_config_for, search_figures, train
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +183,26 @@ def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_set
     tc = dataclasses.replace(config, split_seed=split_seed, split=kind, seed=train_seed)
     settings = {**model_settings, "seed": train_seed}
     max_len = int(settings.get("max_len", 50))
-    main, main_choice, main_tried = _train_tuned(ds, split, settings, tc, grid, show_progress, runtime)
-    training = {"mind": _training_record(main, main_choice, main_tried)}
-    k1 = None
-    if settings.get("interests", 4) != 1:
-        k1, k1_choice, k1_tried = _train_tuned(ds, split, {**settings, "interests": 1}, tc, grid, show_progress,
-                                               runtime)
+    search = None
+    if settings.get("interests") == "auto":
+        by_k = {k: _train_tuned(ds, split, {**settings, "interests": k}, tc, grid, show_progress, runtime)
+                for k in AUTO_INTERESTS}
+        figures = {k: search_figures(r, tc.eval_n) for k, (r, _, _) in by_k.items()}
+        chosen = choose_interests(figures, tc.eval_n)
+        search = {"chosen": chosen, "by_interests": {str(k): f for k, f in figures.items()}}
+        settings["interests"] = chosen  # the variants train at the chosen K
+        main, main_choice, main_tried = by_k[chosen]
+        training = {"mind": _training_record(main, {**main_choice, "interests": chosen}, main_tried)}
+        k1, k1_choice, k1_tried = by_k[1]
         training["mind_k1"] = _training_record(k1, k1_choice, k1_tried)
+    else:
+        main, main_choice, main_tried = _train_tuned(ds, split, settings, tc, grid, show_progress, runtime)
+        training = {"mind": _training_record(main, main_choice, main_tried)}
+        k1 = None
+        if settings.get("interests", 4) != 1:
+            k1, k1_choice, k1_tried = _train_tuned(ds, split, {**settings, "interests": 1}, tc, grid, show_progress,
+                                                   runtime)
+            training["mind_k1"] = _training_record(k1, k1_choice, k1_tried)
     result = from_main(lambda: evaluate_models(ds, split, main.model, None, k1.model if k1 else None, part,
                                                max_len=max_len, knn_k=knn_k), group)
     channels = {"mind": {k: result["channels"][k] for k in ("weights", "prior_only", "knn_k")}}
@@ -201,6 +219,8 @@ def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_set
         result["recall_curve"][v.label] = ev["recall_curve"]["mind"]
         channels[v.label] = {k: ev["channels"][k] for k in ("weights", "prior_only", "knn_k")}
     result.update({"split_seed": split_seed, "train_seed": train_seed, "training": training, "channels": channels})
+    if search is not None:
+        result["interests_search"] = search
     log.info("split seed %d, training seed %d: recall@50 %s", split_seed, train_seed,
              {m: round(v["recall@50"], 4) for m, v in result["models"].items()})
     return result
@@ -309,7 +329,8 @@ def _report(ds: Dataset, spec: DataSpec, split: str, seeds: Sequence[int], train
         "part": part,
         "N": first["N"],
         "L": model_settings.get("max_len", 50),
-        "K": model_settings.get("interests", 4),
+        "K": model_settings.get("interests", 4),  # "auto": chosen per run, see per_run[i]["interests_search"]
+        "retriever": model_settings.get("retriever", DEFAULT),  # the main model's registered extractor
         "dim": model_settings.get("dim", 64),
         "model_settings": model_settings,
         "train_config": dataclasses.asdict(config),

@@ -1,4 +1,5 @@
-"""Small pieces shared by the models: squash, masked softmax, the MLP, pooled embeddings."""
+"""Small pieces shared by the models: squash, masked softmax, the MLP, pooled embeddings, and the
+retrievers' training pieces (label-aware attention, sampled softmax, routing regularisation)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,99 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
     logits = logits.masked_fill(~mask, float("-inf"))
     out = torch.softmax(logits, dim=dim)
     return torch.nan_to_num(out, nan=0.0)
+
+
+def label_aware_attention(
+    interests: Tensor, active: Tensor, target: Tensor, pow: float, hard: bool = False
+) -> Tensor:
+    """One user vector per sample: interests (B, K, D) weighted by their match with target (B, D).
+
+    Weights are softmax(sign(s) |s|^p) over the active interests, s = <interest, target>:
+    p = 0 gives the mean, large p approaches the argmax, `hard` takes the argmax.
+    """
+    s = (interests @ target.unsqueeze(-1)).squeeze(-1)  # (B, K)
+    if hard:
+        best = s.masked_fill(~active, float("-inf")).argmax(dim=1)  # (B,)
+        return interests[torch.arange(len(best), device=best.device), best]
+    if pow == 0:
+        w = active.to(interests.dtype) / active.sum(1, keepdim=True).clamp(min=1)
+    else:
+        w = masked_softmax(torch.sign(s) * s.abs().pow(pow), active, dim=1)  # (B, K)
+    return (w.unsqueeze(-1) * interests).sum(1)  # (B, D)
+
+
+def sampled_softmax_loss(
+    user: Tensor, pos: Tensor, pos_emb: Tensor, neg: Tensor, neg_emb: Tensor, log_q: Tensor, beta: float = 0.0
+) -> Tensor:
+    """Sampled softmax with negatives shared across the batch and log-Q correction.
+
+    user (B, D); pos (B,) target ids with embeddings pos_emb (B, D); neg (S,) sampled ids
+    with neg_emb (S, D); log_q (N+1,) log expected count of each id in a draw of S.
+    A sampled id equal to the row's target (an accidental hit) is masked out.
+
+    beta > 0: REMI's interest-aware hard negatives (Xie et al. 2023, and its released
+    code): the negatives' sum of exp(x_j) becomes sum_j w_j exp(x_j) with importance weights
+    w_j = S' softmax_j(beta x_j) (S' real negatives of the row), so negatives the user
+    vector scores high count more. x_j is the log-Q-corrected logit, so with uniform
+    negatives the weights are REMI's exp(beta s_j), and beta = 0 is the plain loss exactly.
+    As in the released code, the weights are not detached.
+    """
+    return softmax_over_logits((user * pos_emb).sum(-1), user @ neg_emb.T, pos, neg, log_q, beta)
+
+
+def best_interest_softmax_loss(
+    interests: Tensor, active: Tensor, pos: Tensor, pos_emb: Tensor, neg: Tensor, neg_emb: Tensor, log_q: Tensor,
+    beta: float = 0.0,
+) -> Tensor:
+    """The sampled softmax of `sampled_softmax_loss` with every candidate, the target and each
+    negative alike, scored by its best active interest: max_k <interest_k, item>, the score
+    the best-score merge serves. interests (B, K, D), active (B, K), the rest as there.
+
+    Hard label-aware attention scores the target by its best interest but each negative only
+    by that one interest, so an interest is never told about the negatives it would retrieve
+    when another one wins the target; here every interest answers for what it retrieves."""
+    # an inactive interest stands in for the first one (always active): the max is over the active ones
+    # without masking a (B, K, S) tensor, and a copy that wins passes its gradient to the first interest
+    v = torch.where(active[:, :, None], interests, interests[:, :1])  # (B, K, D)
+    pos_logit = (v @ pos_emb.unsqueeze(-1)).squeeze(-1).amax(1)  # (B,)
+    neg_logit = (v @ neg_emb.T).amax(1)  # (B, S)
+    return softmax_over_logits(pos_logit, neg_logit, pos, neg, log_q, beta)
+
+
+def softmax_over_logits(
+    pos_score: Tensor, neg_score: Tensor, pos: Tensor, neg: Tensor, log_q: Tensor, beta: float = 0.0
+) -> Tensor:
+    """Cross-entropy of the target against the shared negatives from raw scores pos_score (B,)
+    and neg_score (B, S): log-Q correction, accidental hits masked, REMI's weights with beta."""
+    pos_logit = pos_score - log_q[pos]  # (B,)
+    neg_logit = neg_score - log_q[neg]  # (B, S)
+    hit = neg[None, :] == pos[:, None]  # (B, S) accidental hits
+    neg_logit = neg_logit.masked_fill(hit, float("-inf"))
+    if beta:
+        real = (~hit).sum(1, keepdim=True).clamp(min=1).to(neg_logit.dtype)  # (B, 1)
+        neg_logit = neg_logit + torch.log(real) + torch.log_softmax(beta * neg_logit, dim=1)
+    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (B, 1 + S)
+    return F.cross_entropy(logits, torch.zeros_like(pos))
+
+
+def peak_penalty(weights: Tensor, mask: Tensor, active: Tensor) -> Tensor:
+    """REMI's routing regularisation (Xie et al. 2023): () the batch mean of
+    sum_k (sum_l (a_kl - 1/n)^2)^2, where a_k (L,) is interest k's weight over the user's n
+    real behaviours, normalised to sum to 1. Zero when every interest spreads evenly over
+    the behaviours, largest when each sits on one behaviour.
+
+    weights (B, K, L) each behaviour's weight in each interest (routing couplings or
+    attention), mask (B, L) real behaviours, active (B, K) interests in use. REMI's code
+    takes the variance over all L slots (padding included), divides it by D and sums over
+    its batch; here padding takes no part and the batch is averaged, so lambda does not
+    depend on L, D or the batch size.
+    """
+    m = mask[:, None, :].to(weights.dtype)  # (B, 1, L)
+    a = weights * m
+    a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)  # (B, K, L) rows sum to 1 over real behaviours
+    n = m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
+    var = (((a - 1.0 / n) * m) ** 2).sum(-1)  # (B, K)
+    return ((var**2) * active).sum(1).mean()
 
 
 def mlp(sizes: Sequence[int], final_activation: bool = True) -> nn.Sequential:

@@ -15,7 +15,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from retrieval.mind import MIND, Batch, Interests, MINDConfig
+from retrieval.comirec import ComiRecConfig, ComiRecSA
+from retrieval.interests import Batch, Interests
+from retrieval.mind import MIND, MINDConfig
 
 DEFAULT = "routing"
 
@@ -37,6 +39,7 @@ class Retriever(Protocol):
 # name -> (model class, config class)
 RETRIEVERS: dict[str, tuple[type, type]] = {
     "routing": (MIND, MINDConfig),
+    "self-attention": (ComiRecSA, ComiRecConfig),
 }
 
 

@@ -134,14 +134,17 @@ def profile_features(ds: Dataset, users: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def make_batch(
-    ds: Dataset, user: np.ndarray, end: np.ndarray, max_len: int, with_target: bool = False
+    ds: Dataset, user: np.ndarray, end: np.ndarray, max_len: int, with_target: bool = False,
+    target: np.ndarray | None = None,
 ) -> Batch:
-    """A model batch for users whose history ends before position `end` (target at `end`)."""
+    """A model batch for users whose history ends before position `end`; with_target, the
+    item at position `target` (B,) of each sequence is the target (default: at `end`)."""
     hist, mask = gather_histories(ds, user, end, max_len)
-    target = None
+    items = None
     if with_target:
-        target = torch.from_numpy(ds.items[ds.offsets[user] + end].astype(np.int64))
-    return Batch(torch.from_numpy(hist), torch.from_numpy(mask), profile_features(ds, user), target)
+        at = end if target is None else target
+        items = torch.from_numpy(ds.items[ds.offsets[user] + at].astype(np.int64))
+    return Batch(torch.from_numpy(hist), torch.from_numpy(mask), profile_features(ds, user), items)
 
 
 def history_batch(ds: Dataset, hist: Histories, max_len: int) -> Batch:

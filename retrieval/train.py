@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: int = 30  # most passes over the training windows
     batch_size: int = 256  # windows per step
     lr: float = 3e-3  # Adam learning rate (dense and sparse parameters alike)
-    negatives: int = 512  # S: sampled negatives shared across the batch
+    negatives: int = 512  # S: sampled negatives shared across the batch; 0 = every item (full softmax, no log-Q)
     neg_alpha: float = 1.0  # negatives drawn with q ∝ (train frequency + 1)^alpha; 0 = uniform (1.0: best on validation)
     patience: int = 3  # stop after this many epochs without a better validation Recall@N
     seed: int = 0  # seeds initialisation, shuffling, negatives and routing draws
@@ -62,6 +62,7 @@ class TrainConfig:
     merge: str = "best"  # how interests' results are merged for validation and serving
     threads: int = 0  # torch threads; 0 = leave torch's default
     max_steps: int = 0  # cap on steps per epoch (benchmarks, smoke runs); 0 = the whole epoch
+    target_window: int = 1  # W: a window's target is drawn uniformly from the next W behaviours (1 = next item)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainResult:
     best_recall: float
     samples_per_s: float
     diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
+    run_extra: dict[str, Any] = field(default_factory=dict)  # where it was trained (device, processes), for the manifest
 
 
 class Diverged(Exception):
@@ -275,13 +277,34 @@ class Setup:
     opts: list[torch.optim.Optimizer]
     users: np.ndarray  # (W,) user of each training window
     positions: np.ndarray  # (W,) target position of each window in its user's sequence
-    sampler: NegativeSampler  # draws the S shared negatives of a step ∝ q
-    log_q: torch.Tensor  # (N+1,) log(S q), the log-Q correction
+    sampler: NegativeSampler | None  # draws the S shared negatives of a step ∝ q; None = every item each step
+    log_q: torch.Tensor  # (N+1,) log(S q), the log-Q correction (zeros for the full softmax)
+    ends: np.ndarray  # (U,) training length of each user's sequence: a target never lies beyond it
+    target_window: int  # W: targets drawn from the next W behaviours
+    rng: np.random.Generator  # draws the target offsets within the window
     guard: LossGuard = field(default_factory=LossGuard)  # stops a diverging run
     runtime: Runtime = field(default_factory=Runtime)  # device, precision
     group: Group = field(default_factory=Group)  # this process's rank among the run's processes
     windows: ResidentWindows | None = None  # sequences and windows on the device (None: gathered in numpy)
     sync: GradientSync | None = None  # sums the ranks' gradients (None: one process)
+
+    def negatives(self) -> torch.Tensor:
+        """(S,) the negatives of one step: a draw from q, or every item 1..N."""
+        if self.sampler is None:
+            return torch.arange(1, len(self.log_q), dtype=torch.int64, device=self.log_q.device)
+        return self.sampler.draw()
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The torch generators a checkpoint saves and restores (none for the full softmax)."""
+        return {"negatives": self.sampler.gen} if self.sampler is not None else {}
+
+    def targets(self, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(B,) target positions: the window's own position t, or with W > 1 a position drawn
+        uniformly from t .. min(t + W, end) - 1 (the history stays the behaviours before t)."""
+        if self.target_window <= 1:
+            return positions
+        span = np.minimum(self.target_window, self.ends[users] - positions)  # (B,) >= 1
+        return positions + (self.rng.random(len(positions)) * span).astype(np.int64)
 
 
 def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, runtime: Runtime | None = None) -> Setup:
@@ -300,10 +323,15 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, run
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
-    freq = torch.from_numpy(training_counts(ds, split))  # the training data only (period, on the temporal split)
-    q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
-    sampler = NegativeSampler(q, config.negatives, config.seed, runtime.device)
-    windows = ResidentWindows(ds, users, positions, runtime.device) if runtime.keeps_windows_on_device else None
+    if config.negatives == 0:  # full softmax: every item a negative, nothing to correct
+        sampler, log_q = None, torch.zeros(ds.n_items + 1)
+    else:
+        freq = torch.from_numpy(training_counts(ds, split))  # the training data only (period, on the temporal split)
+        q, log_q = log_expected_counts(freq, config.negatives, config.neg_alpha)
+        sampler = NegativeSampler(q, config.negatives, config.seed, runtime.device)
+    # resident windows serve the next-item target only; a target window gathers in numpy
+    on_device = runtime.keeps_windows_on_device and config.target_window <= 1
+    windows = ResidentWindows(ds, users, positions, runtime.device) if on_device else None
     sync = None
     if group.parallel:
         broadcast_state(model, group)
@@ -312,8 +340,10 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, run
             torch.manual_seed(rank_seed(config.seed, group.rank))
     if runtime.compile:
         compile_loss(model)
+    rng = np.random.default_rng([config.seed, 1])  # its own stream: W = 1 leaves every other draw as it was
     return Setup(model, _optimizers(model, config.lr, fused=runtime.cuda), users, positions, sampler,
-                 log_q.to(runtime.device), runtime=runtime, group=group, windows=windows, sync=sync)
+                 log_q.to(runtime.device), split.history_len, config.target_window, rng, runtime=runtime,
+                 group=group, windows=windows, sync=sync)
 
 
 def train_step(model: Retriever, opts: list[torch.optim.Optimizer], batch: Batch | None, neg: torch.Tensor,
@@ -384,8 +414,9 @@ def run_steps(ds: Dataset, st: Setup, order: np.ndarray, batch_size: int, bar: A
             batch = st.windows.batch(on_device[lo:hi], L)  # type: ignore[union-attr]
         else:
             idx = order[lo:hi]  # (B,)
-            batch = make_batch(ds, st.users[idx], st.positions[idx], L, with_target=True)
-        pending.append(train_step(model, st.opts, batch, st.sampler.draw(), st.log_q, st.sync, weight,
+            users, positions = st.users[idx], st.positions[idx]
+            batch = make_batch(ds, users, positions, L, with_target=True, target=st.targets(users, positions))
+        pending.append(train_step(model, st.opts, batch, st.negatives(), st.log_q, st.sync, weight,
                                   st.runtime.autocast, read=False))
         if len(pending) < read_every and s + 1 < steps:
             continue
@@ -441,7 +472,7 @@ def train(
         resumed = ckpt.load()
     if resumed is not None:
         assert ckpt is not None
-        ckpt.restore(resumed, model, st.opts, {"negatives": st.sampler.gen}, rng)
+        ckpt.restore(resumed, model, st.opts, st.generators(), rng)
         first_epoch, first_step = resumed["epoch"], resumed["step"]
         loop = resumed["loop"]
         history, best_recall, best_epoch, stale = loop["history"], loop["best_recall"], loop["best_epoch"], loop["stale"]
@@ -456,7 +487,7 @@ def train(
         loop = {"history": history, "best_recall": best_recall, "best_epoch": best_epoch, "stale": stale,
                 "total_samples": total_samples, "total_time": total_time, "loss_sum": loss_sum, "seconds": seconds,
                 "guard_first": st.guard.first}
-        ckpt.save(epoch, step, model, st.opts, {"negatives": st.sampler.gen}, rng_epoch, rng.bit_generator.state,
+        ckpt.save(epoch, step, model, st.opts, st.generators(), rng_epoch, rng.bit_generator.state,
                   loop, best_state)
 
     if resumed is not None and first_epoch > config.epochs:
@@ -506,10 +537,9 @@ def train(
             best_recall, best_epoch, stale = recall, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             if out is not None and data_spec is not None and group.main:
-                save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
-                            extra={"best_epoch": epoch, f"val_recall@{config.eval_n}": recall,
-                                   "train_samples_per_s": total_samples / total_time, "history": history,
-                                   **_run_extra(st)})
+                partial = TrainResult(model, history, epoch, recall, total_samples / total_time,
+                                      run_extra=_run_extra(st))
+                save_trained(out, partial, ds, split, model_config, config, data_spec)
         else:
             stale += 1
             if stale >= config.patience:
@@ -520,14 +550,90 @@ def train(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    result = TrainResult(model, history, best_epoch, best_recall, total_samples / total_time, diverged, _run_extra(st))
     if out is not None and data_spec is not None and group.main:  # final manifest carries the whole history
-        save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
-                    extra={"best_epoch": best_epoch, f"val_recall@{config.eval_n}": best_recall,
-                           "train_samples_per_s": total_samples / total_time, "history": history, **_run_extra(st),
-                           **({"diverged": diverged} if diverged else {})})
+        save_trained(out, result, ds, split, model_config, config, data_spec)
     if ckpt is not None:
         ckpt.finish()
-    return TrainResult(model, history, best_epoch, best_recall, total_samples / total_time, diverged)
+    return result
+
+
+def save_trained(out: Path, result: TrainResult, ds: Dataset, split: Split, model_config: Any, config: TrainConfig,
+                 data_spec: DataSpec, extra: dict[str, Any] | None = None) -> None:
+    """Write the bundle of a trained model (atomically) with its validation figures, history
+    and where it was trained."""
+    save_bundle(out, result.model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
+                extra={"best_epoch": result.best_epoch, f"val_recall@{config.eval_n}": result.best_recall,
+                       "train_samples_per_s": result.samples_per_s, "history": result.history, **result.run_extra,
+                       **({"diverged": result.diverged} if result.diverged else {}), **(extra or {})})
+
+
+AUTO_INTERESTS = (1, 2, 4, 8)  # the K that `--interests auto` tries
+
+
+@dataclass
+class InterestSearch:
+    """One model per K, the same settings otherwise; `k` the one chosen on validation."""
+
+    k: int  # the chosen K: best validation Recall@N, the fewer interests on a tie
+    results: dict[int, TrainResult]  # K -> its trained model (at its best epoch) and history
+    figures: dict[int, dict[str, float]]  # K -> validation figures of its best epoch, epochs and seconds
+
+    @property
+    def best(self) -> TrainResult:
+        return self.results[self.k]
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready: the chosen K and every K's validation figures."""
+        return {"chosen": self.k, "by_interests": {str(k): f for k, f in self.figures.items()}}
+
+
+def search_figures(r: TrainResult, n: int = 50) -> dict[str, Any]:
+    """One K's validation figures at its best epoch, its epochs and time: what an interest search records."""
+    best = r.history[r.best_epoch - 1]
+    return {f"val_recall@{n}": best[f"val_recall@{n}"], f"val_ndcg@{n}": best[f"val_ndcg@{n}"],
+            "best_epoch": r.best_epoch, "epochs_run": len(r.history), "train_samples_per_s": r.samples_per_s,
+            "train_seconds": round(sum(h["seconds"] for h in r.history), 2)}
+
+
+def choose_interests(figures: dict[int, dict[str, Any]], n: int = 50) -> int:
+    """The K with the best validation Recall@n in `figures` (K -> figures); the fewer interests on a tie."""
+    return max(figures, key=lambda k: (figures[k][f"val_recall@{n}"], -k))
+
+
+def search_interests(
+    ds: Dataset,
+    split: Split,
+    model_config: Any,
+    config: TrainConfig,
+    ks: Sequence[int] = AUTO_INTERESTS,
+    out: Path | None = None,
+    data_spec: DataSpec | None = None,
+    show_progress: bool = True,
+    runtime: Runtime | None = None,
+) -> InterestSearch:
+    """Train the retriever once per number of interests K in `ks` and keep the best on
+    validation Recall@N (the early-stopping figure): the shipped model is never worse on
+    the user's validation data than its own best K. With `out`, the chosen model's bundle
+    records every K's validation figures under "interests_search" (written by rank 0)."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"the interest counts to try must be >= 1, got {list(ks)}")
+    n = config.eval_n
+    results, figures = {}, {}
+    for k in ks:
+        r = train(ds, split, dataclasses.replace(model_config, interests=k), config, show_progress=show_progress,
+                  runtime=runtime)
+        best = r.history[r.best_epoch - 1]
+        results[k] = r
+        figures[k] = search_figures(r, n)
+        log.info("interests %d: val recall@%d %.4f  ndcg@%d %.4f", k, n, best[f"val_recall@{n}"], n,
+                 best[f"val_ndcg@{n}"])
+    chosen = choose_interests(figures, n)
+    search = InterestSearch(chosen, results, figures)
+    if out is not None and data_spec is not None and current().main:
+        save_trained(out, search.best, ds, split, search.best.model.config, config,
+                     data_spec, extra={"interests_search": search.report()})
+    return search
 
 
 def _identity(ds: Dataset, split: Split, model_config: Any, config: TrainConfig) -> dict[str, Any]:

@@ -91,6 +91,15 @@ def test_train_reports_the_bundle(bundle_k4):
     assert manifest["kind"] == "mind-bundle" and manifest["best_epoch"] == 1
     assert config["model"]["interests"] == 4 and config["model"]["dim"] == 16
     assert config["train"]["negatives"] == 64 and config["train"]["epochs"] == 1
+    assert config["retriever"] == "routing" and config["model"]["attention"] == "max"  # MIND's default
+
+
+def test_train_attention_defaults_to_the_extractors_own(invoke, tiny_data, tmp_path):
+    out = tmp_path / "sa_default"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--extractor",
+                    "self-attention", "--epochs", "1", "--dim", "8", "--negatives", "16", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model"]["attention"] == "hard"  # ComiRec-SA keeps hard
 
 
 def test_train_max_steps_caps_each_epoch(invoke, tiny_data, tmp_path):
@@ -102,6 +111,47 @@ def test_train_max_steps_caps_each_epoch(invoke, tiny_data, tmp_path):
     assert len(history) == 2
     # 3 steps of 8 windows each: the rate is over exactly 24 samples per epoch
     assert all(abs(h["samples_per_s"] * h["seconds"] - 24) < 1e-6 for h in history)
+
+
+def test_train_self_attention_with_auto_interests_records_every_k(invoke, tiny_data, tmp_path):
+    out = tmp_path / "sa"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--items", tiny_data["items"],
+                    "--out", out, "--extractor", "self-attention", "--interests", "auto", "--epochs", "1",
+                    "--dim", "8", "--negatives", "16", "--hard-negatives", "0.5", "--peak-penalty", "0.1",
+                    "--target-window", "3", "--attention", "max")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    search = json.loads((out / "manifest.json").read_text())["interests_search"]
+    assert config["retriever"] == "self-attention" and config["model"]["interests"] == search["chosen"]
+    assert (config["model"]["hard_negatives"], config["model"]["peak_penalty"]) == (0.5, 0.1)
+    assert config["model"]["attention"] == "max"
+    assert config["train"]["target_window"] == 3
+    assert sorted(search["by_interests"], key=int) == ["1", "2", "4", "8"]
+    assert f"K={search['chosen']}" in result.stdout and "<- chosen" in result.stdout
+    index = tmp_path / "sa_index"
+    assert invoke("build-index", "--bundle", out, "--out", index).exit_code == 0
+    items = query_json(invoke, out, index, "--user", "u00001", "-n", "5")["items"]
+    assert len(items) == 5 and len({r["item"] for r in items}) == 5
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--interests", "two", "must be a positive integer or auto, got 'two'"),
+    ("--interests", "0", "must be a positive integer or auto, got '0'"),
+    ("--extractor", "transformer", "'transformer' is not one of 'routing', 'self-attention'"),
+])
+def test_train_rejects_a_bad_interest_count_or_extractor(invoke, tiny_data, tmp_path, option, value, message):
+    out = tmp_path / "bad"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, option, value)
+    assert_usage_error(result, option, message)
+    assert not out.exists()
+
+
+def test_train_refuses_to_resume_an_interest_search(invoke, tiny_data, tmp_path):
+    out = tmp_path / "auto"
+    result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--interests", "auto",
+                    "--resume")
+    assert_clean_error(result, "--resume continues one training run; --interests auto trains several (give one K)")
+    assert not out.exists()
 
 
 def test_query_table(invoke, bundle_k4, index_k4, small_data):
@@ -349,6 +399,23 @@ def test_experiment_reports_mean_and_std_over_split_seeds(invoke, tiny_data, tmp
     assert report["training"]["mind"]["train_samples_per_s"]["mean"] > 0
     assert (report["K"], report["L"], report["dim"]) == (4, 50, 8)
     assert "mind" in result.stdout and "±" in result.stdout
+
+
+def test_experiment_auto_interests_reports_the_search_and_its_k1(invoke, tiny_data, tmp_path):
+    out = tmp_path / "auto.json"
+    result = invoke("experiment", "--interactions", tiny_data["interactions"], "--seeds", "2026", "--epochs", "1",
+                    "--dim", "8", "--negatives", "32", "--interests", "auto", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    seed = report["per_run"][0]
+    assert report["K"] == "auto" and report["retriever"] == "routing"
+    by_k = seed["interests_search"]["by_interests"]
+    assert sorted(by_k, key=int) == ["1", "2", "4", "8"]
+    # the K=1 baseline is the search's own K=1 model, not a second training
+    assert seed["training"]["mind_k1"]["val_recall@50"] == by_k["1"]["val_recall@50"]
+    chosen = seed["interests_search"]["chosen"]
+    assert seed["training"]["mind"]["val_recall@50"] == max(f["val_recall@50"] for f in by_k.values())
+    assert by_k[str(chosen)]["val_recall@50"] == seed["training"]["mind"]["val_recall@50"]
 
 
 def test_experiment_rejects_bad_seeds(invoke, tiny_data, tmp_path):

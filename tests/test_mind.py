@@ -6,16 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.layers import squash
+from retrieval.layers import (
+    best_interest_softmax_loss,
+    label_aware_attention,
+    peak_penalty,
+    sampled_softmax_loss,
+    squash,
+)
 from retrieval.mind import (
     MIND,
     Batch,
     MINDConfig,
     b2i_routing,
     interest_count,
-    label_aware_attention,
     log_expected_counts,
-    sampled_softmax_loss,
 )
 
 B, L, K, D = 5, 12, 4, 8
@@ -153,6 +157,88 @@ def test_sampled_softmax_masks_accidental_hits_and_applies_log_q():
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+def test_hard_negative_weighting_is_remi_importance_weights_and_beta_0_is_the_plain_loss():
+    items = torch.eye(3)
+    user = torch.tensor([[1.0, 2.0, 0.0]])  # logits: item 0 -> 1 (the positive), item 1 -> 2, item 2 -> 0
+    pos, neg = torch.tensor([0]), torch.tensor([1, 2])
+    log_q = torch.zeros(3)
+    plain = sampled_softmax_loss(user, pos, items[pos], neg, items[neg], log_q)
+    assert torch.equal(sampled_softmax_loss(user, pos, items[pos], neg, items[neg], log_q, beta=0.0), plain)
+    e = math.e
+    assert math.isclose(plain.item(), -1 + math.log(e + e**2 + 1), rel_tol=1e-6)
+    # beta = 1: weights 2 softmax([2, 0]) on the negatives' exp(logits)
+    w1, w2 = 2 * e**2 / (e**2 + 1), 2 / (e**2 + 1)
+    hard = sampled_softmax_loss(user, pos, items[pos], neg, items[neg], log_q, beta=1.0)
+    assert math.isclose(hard.item(), -1 + math.log(e + w1 * e**2 + w2), rel_tol=1e-6)
+    assert hard > plain  # the hard negative (item 1) weighs more
+    # an accidental hit stays out: the one real negative gets weight 1, as without beta
+    neg_hit = torch.tensor([0, 2])
+    assert torch.allclose(sampled_softmax_loss(user, pos, items[pos], neg_hit, items[neg_hit], log_q, beta=5.0),
+                          sampled_softmax_loss(user, pos, items[pos], neg_hit, items[neg_hit], log_q))
+
+
+def test_peak_penalty_is_zero_when_spread_and_counts_only_real_behaviours_of_active_interests():
+    mask = torch.tensor([[True, True, True, False]])
+    w = torch.tensor([[[0.2, 0.2, 0.2, 9.0],  # spread evenly over the 3 real behaviours (padding ignored)
+                       [0.0, 0.7, 0.0, 0.0],  # all on one behaviour
+                       [0.0, 0.0, 0.3, 0.0]]])  # peaked too, but inactive
+    active = torch.tensor([[True, True, False]])
+    # one-hot over n = 3: sum_l (a_l - 1/3)^2 = (2/3)^2 + 2 (1/3)^2 = 2/3, squared 4/9
+    assert math.isclose(peak_penalty(w, mask, active).item(), 4 / 9, rel_tol=1e-6)
+    assert peak_penalty(w[:, :1], mask, active[:, :1]).item() < 1e-12
+    two = torch.cat([w, w])  # a batch mean, not a sum
+    assert math.isclose(peak_penalty(two, mask.expand(2, -1), active.expand(2, -1)).item(), 4 / 9, rel_tol=1e-6)
+
+
+def test_routing_grad_changes_no_value_but_lets_the_couplings_train():
+    low, mask, S, active, init = _routing_inputs()
+    S.requires_grad_(True)
+    plain = b2i_routing(low, mask, S, active, init, iters=3)
+    through = b2i_routing(low, mask, S, active, init, iters=3, grad=True)
+    for a, b in zip(plain, through):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not plain[2].requires_grad and through[2].requires_grad
+    peak_penalty(through[2], mask, active).backward()
+    assert S.grad is not None and S.grad.abs().sum() > 0
+
+
+def test_the_peak_penalty_does_nothing_to_paper_routing_and_acts_with_routing_grad():
+    """MIND's couplings carry no gradient (the paper): REMI's penalty on them changes no
+    gradient unless routing_grad lets it through."""
+    b = _batch()
+    q, log_q = log_expected_counts(torch.ones(21), 10, 0.0)
+    neg = torch.multinomial(q, 10, replacement=True, generator=torch.Generator().manual_seed(0))
+
+    def s_grad(**kw) -> torch.Tensor:
+        m = _model(sparse=False, **kw)
+        m.eval()  # the fixed routing draw: the same forward pass in every call
+        m.loss(b, neg, log_q).backward()
+        return m.S.grad
+
+    assert torch.equal(s_grad(peak_penalty=10.0), s_grad())
+    assert not torch.allclose(s_grad(routing_grad=True, peak_penalty=10.0), s_grad(routing_grad=True))
+
+
+def test_best_interest_softmax_scores_every_candidate_by_its_best_interest():
+    interests = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2, 2): A along x, B along y
+    items = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # item 1 the target, item 2 a negative
+    pos, neg, log_q = torch.tensor([1]), torch.tensor([2]), torch.zeros(3)
+    both = torch.tensor([[True, True]])
+    e = math.e
+    # target: max(1, 0) = 1 (A); negative: max(0, 2) = 2 (B retrieves it, so it counts)
+    loss = best_interest_softmax_loss(interests, both, pos, items[pos], neg, items[neg], log_q)
+    assert math.isclose(loss.item(), -1 + math.log(e + e**2), rel_tol=1e-6)
+    # hard label-aware attention scores the negative by A alone: 0
+    hard_user = label_aware_attention(interests, both, items[pos], pow=1, hard=True)
+    hard = sampled_softmax_loss(hard_user, pos, items[pos], neg, items[neg], log_q)
+    assert math.isclose(hard.item(), -1 + math.log(e + 1), rel_tol=1e-6)
+    # an inactive interest takes no part, and one interest is the plain sampled softmax
+    only_a = torch.tensor([[True, False]])
+    assert torch.allclose(best_interest_softmax_loss(interests, only_a, pos, items[pos], neg, items[neg], log_q), hard)
+    assert torch.allclose(best_interest_softmax_loss(interests[:, :1], only_a[:, :1], pos, items[pos], neg, items[neg],
+                                                     log_q), hard)
+
+
 def test_log_expected_counts_never_samples_padding():
     q, log_q = log_expected_counts(torch.tensor([0, 5, 0, 1]), num_neg=10, alpha=0.75)
     assert q[0] == 0 and torch.isclose(q.sum(), torch.tensor(1.0))
@@ -229,7 +315,7 @@ def test_item_vectors_are_the_training_representation():
 
 def test_item_embed_of_a_large_call_equals_the_per_slot_embedding_and_its_gradients():
     """Above UNIQUE_FROM ids each distinct item is encoded once: same values, same gradients."""
-    from retrieval import mind as mind_module
+    from retrieval import interests as mind_module
 
     ids = torch.randint(0, 21, (64, 40), generator=torch.Generator().manual_seed(1))  # 2560 ids, padding included
     assert ids.numel() >= mind_module.UNIQUE_FROM
@@ -246,3 +332,34 @@ def test_item_embed_of_a_large_call_equals_the_per_slot_embedding_and_its_gradie
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(results[0][0][ids == 0], torch.zeros(int((ids == 0).sum()), D))
+
+
+def test_head_relu_keeps_interests_non_negative_and_off_lets_them_be_signed():
+    b = _batch()
+    with_relu = _model().eval().user_vectors(b).vectors
+    signed = _model(head_relu=False).eval().user_vectors(b).vectors
+    assert torch.all(with_relu >= 0) and (signed < 0).any()
+
+
+def test_dropout_acts_in_training_only():
+    b = _batch()
+    plain, dropped = _model(), _model(dropout=0.5)
+    assert torch.equal(plain.eval().user_vectors(b).vectors, dropped.eval().user_vectors(b).vectors)
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    a = plain.user_vectors(b).vectors
+    torch.manual_seed(1)
+    assert not torch.allclose(a, dropped.user_vectors(b).vectors)
+
+
+def test_recency_positions_enter_the_routing_and_keep_padding_inert():
+    b = _batch()
+    plain, timed = _model().eval(), _model(positions=True).eval()
+    assert plain.position is None and timed.position.shape == (L, D)
+    it = timed.user_vectors(b)
+    assert not torch.allclose(it.vectors, plain.user_vectors(b).vectors)
+    garbage = b.history.masked_fill(~b.mask, 7)  # padded slots hold a real item, still masked
+    assert torch.allclose(timed.user_vectors(Batch(garbage, b.mask, b.user_features)).vectors, it.vectors, atol=1e-6)
+    # a user's vectors do not depend on the batch's longest history (recency counts back from the last behaviour)
+    one = Batch(b.history[1:2, :6], b.mask[1:2, :6], {"age": b.user_features["age"][1:2]})
+    assert torch.allclose(timed.user_vectors(one).vectors[0], it.vectors[1], atol=1e-6)

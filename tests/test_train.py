@@ -1,4 +1,5 @@
-"""The training step's pieces: the negative sampler, the row-sparse Adam, and determinism."""
+"""The training step's pieces: the negative sampler, the row-sparse Adam, the target window, the
+full softmax, determinism, and the search over the number of interests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import torch
 from data.synthetic import SyntheticConfig, generate
 from retrieval.data import DataSpec, load_dataset, split_users
 from retrieval.mind import log_expected_counts
-from retrieval.train import NegativeSampler, RowSparseAdam, TrainConfig, model_config_for, train
+import json
+
+from retrieval.samples import make_batch
+from retrieval.train import (
+    NegativeSampler,
+    RowSparseAdam,
+    TrainConfig,
+    model_config_for,
+    search_interests,
+    setup,
+    train,
+)
 
 
 def test_sampler_draws_follow_q_and_never_padding_or_zero_weight_items() -> None:
@@ -90,3 +102,63 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert all(np.isfinite(losses[0]))
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    cfg = SyntheticConfig(n_users=60, n_items=100, n_topics=5, n_categories=5, min_len=10, max_len=20,
+                          mean_len=15.0, seed=4)
+    paths = generate(tmp_path_factory.mktemp("tiny_train"), cfg)
+    spec = DataSpec(paths["interactions"], paths["items"], paths["users"])
+    ds = load_dataset(spec)
+    return spec, ds, split_users(ds, 2026)
+
+
+def test_target_window_draws_every_next_w_position_and_never_past_the_sequence(tiny) -> None:
+    _, ds, split = tiny
+    one = setup(ds, split, model_config_for(ds, dim=8, hidden=16), TrainConfig(negatives=8, seed=1))
+    assert np.array_equal(one.targets(one.users, one.positions), one.positions)
+    st = setup(ds, split, model_config_for(ds, dim=8, hidden=16), TrainConfig(negatives=8, seed=1, target_window=3))
+    draws = np.stack([st.targets(st.users, st.positions) for _ in range(40)])  # (40, windows)
+    offsets = draws - st.positions
+    last = np.minimum(st.positions + 3, split.history_len[st.users]) - 1  # the furthest allowed target
+    assert offsets.min() == 0 and np.all(draws <= last)
+    assert np.array_equal(draws.max(0), last)  # every reachable offset is drawn (40 draws of at most 3)
+    # the history stays the behaviours before the window's position; only the target moves
+    idx = np.arange(8)
+    u, p, t = st.users[idx], st.positions[idx], draws[0, idx]
+    moved, plain = make_batch(ds, u, p, 10, with_target=True, target=t), make_batch(ds, u, p, 10, with_target=True)
+    assert torch.equal(moved.history, plain.history)
+    assert moved.target.tolist() == [int(ds.items[ds.offsets[a] + b]) for a, b in zip(u, t)]
+
+
+def test_zero_negatives_is_the_full_softmax_without_correction(tiny) -> None:
+    _, ds, split = tiny
+    st = setup(ds, split, model_config_for(ds, dim=8, hidden=16), TrainConfig(negatives=0))
+    assert st.sampler is None
+    assert torch.equal(st.negatives(), torch.arange(1, ds.n_items + 1))
+    assert torch.equal(st.log_q, torch.zeros(ds.n_items + 1))
+    r = train(ds, split, model_config_for(ds, dim=8, hidden=16),
+              TrainConfig(epochs=1, batch_size=32, negatives=0, max_steps=2), show_progress=False)
+    assert np.isfinite(r.history[0]["loss"]) and "val_ndcg@50" in r.history[0]
+
+
+def test_search_interests_trains_each_k_keeps_the_best_and_records_them(tiny, tmp_path: Path) -> None:
+    spec, ds, split = tiny
+    tc = TrainConfig(epochs=1, batch_size=32, negatives=16, max_steps=3, seed=2)
+    search = search_interests(ds, split, model_config_for(ds, dim=8, hidden=16), tc, ks=(1, 2, 4),
+                              out=tmp_path / "b", data_spec=spec, show_progress=False)
+    assert sorted(search.results) == [1, 2, 4]
+    assert [search.results[k].model.config.interests for k in (1, 2, 4)] == [1, 2, 4]
+    recall = {k: f["val_recall@50"] for k, f in search.figures.items()}
+    assert recall == {k: r.best_recall for k, r in search.results.items()}
+    assert recall[search.k] == max(recall.values())
+    assert search.k == min(k for k in recall if recall[k] == max(recall.values()))  # a tie goes to fewer interests
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert config["model"]["interests"] == search.k
+    assert manifest["interests_search"]["chosen"] == search.k
+    assert sorted(manifest["interests_search"]["by_interests"]) == ["1", "2", "4"]
+    assert manifest["val_recall@50"] == recall[search.k]
+    with pytest.raises(ValueError):
+        search_interests(ds, split, model_config_for(ds), tc, ks=(0, 2))
