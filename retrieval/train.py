@@ -7,7 +7,6 @@ leaves the best bundle so far and never a half-written one.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ import torch
 
 from retrieval.bundle import config_dict, save_bundle
 from retrieval.data import Dataset, DataSpec, Split, item_counts
+from retrieval.early_stopping import EarlyStopping
 from retrieval.errors import DataError
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.metrics import mean_metrics, topn_metrics
@@ -228,7 +228,7 @@ def train(
     model = st.model
 
     history: list[dict[str, Any]] = []
-    best_recall, best_epoch, best_state, stale = -1.0, 0, None, 0
+    stopper = EarlyStopping(config.patience)
     total_samples, total_time = 0, 0.0
     for epoch in range(1, config.epochs + 1):
         order = epoch_order(rng, len(st.users), config.batch_size, config.max_steps)
@@ -251,20 +251,17 @@ def train(
             "epoch %d  loss %.4f  val recall@%d %.4f  %.0f samples/s  %.1fs",
             epoch, entry["loss"], config.eval_n, recall, entry["samples_per_s"], train_time,
         )
-        if recall > best_recall:
-            best_recall, best_epoch, stale = recall, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        if stopper.update(epoch, recall, model):
             if out is not None and data_spec is not None:
                 save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
                             extra={"best_epoch": epoch, f"val_recall@{config.eval_n}": recall,
                                    "train_samples_per_s": total_samples / total_time, "history": history})
-        else:
-            stale += 1
-            if stale >= config.patience:
-                log.info("early stop: no better validation recall for %d epochs (best epoch %d)", stale, best_epoch)
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+        elif stopper.should_stop:
+            log.info("early stop: no better validation recall for %d epochs (best epoch %d)", stopper.stale,
+                     stopper.best_epoch)
+            break
+    stopper.restore(model)
+    best_epoch, best_recall = stopper.best_epoch, stopper.best
     model.eval()
     if out is not None and data_spec is not None:  # final manifest carries the whole history
         save_bundle(out, model, ds, split, config_dict(model_config, config, data_spec, retriever_name(model_config)),
