@@ -119,6 +119,10 @@ def test_prelu_is_selectable_instead_of_dice():
     assert not any(isinstance(m, Dice) for m in prelu_model.modules())
     assert sum(isinstance(m, nn.PReLU) for m in prelu_model.modules()) == 4
     assert prelu_model.score(problem(0, B=8)).shape == (8,)
+    # scoring (eval mode) too: PReLU's channels are the last dimension, whatever the history length
+    batch = problem(0, B=8)
+    train_scores = prelu_model.score(batch)
+    assert torch.allclose(prelu_model.eval().score(batch), train_scores, atol=1e-5)  # no batch statistics in PReLU
 
 
 # ---------------------------------------------------------------- mini-batch-aware L2

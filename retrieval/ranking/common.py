@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.layers import PooledEmbedding, encode_distinct
+from retrieval.layers import PooledEmbedding, distinct_rows, encode_distinct
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RankerConfig:
     hidden: tuple[int, ...] = (200, 80)  # final MLP widths
     act: str = "dice"  # activation of the MLPs: dice, prelu or relu
     l2: float = 0.0  # mini-batch-aware L2 strength on the embeddings (0 = off)
+    retrieval_weight: float = 0.0  # w of the fused order logit + w × standardised retrieval score (scoring.fuse); chosen on validation users after training, 0 = the ranker alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,11 @@ class ItemEncoder(nn.Module):
 
         Each distinct item of the call is encoded once and then gathered (`encode_distinct`)."""
         return encode_distinct(self._encode, ids)
+
+    def distinct(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The representation of each distinct item of `ids` (U, D_item) and each id's row
+        (ids.shape): `layers.gather_rows(rows, inverse)` is forward(ids)."""
+        return distinct_rows(self._encode, ids)
 
     def _encode(self, ids: Tensor) -> Tensor:
         parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]

@@ -123,9 +123,11 @@ class DIEN(ClickModel):
         xg = self.evolution.x2g(x)  # (B, L, 3G)
         m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         state = h.new_zeros(h.shape[0], h.shape[2])  # (B, G)
-        for t in range(h.shape[1]):
-            new = self.evolution.step(xg[:, t], state, a[:, t])
-            state = m[:, t] * new + (1 - m[:, t]) * state
+        # unbind once: indexing [:, t] in the loop would make each step's backward write a
+        # zero (B, L, ·) gradient, O(L²) work that took most of a training step
+        for xg_t, a_t, m_t in zip(xg.unbind(1), a.unbind(1), m.unbind(1)):  # (B, 3G), (B,), (B, 1)
+            new = self.evolution.step(xg_t, state, a_t)
+            state = m_t * new + (1 - m_t) * state
         return state
 
     def aux_loss(self, h: Tensor, e: Tensor, neg: Tensor, mask: Tensor) -> Tensor:

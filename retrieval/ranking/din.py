@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from retrieval.layers import ActivationUnit, act_mlp
+from retrieval.layers import ActivationUnit, act_mlp, gather_rows
 from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 
@@ -58,9 +58,11 @@ class DIN(ClickModel):
         """Candidate-activated interest (B, D), activation weights (B, L) (0 on padding, not
         normalised), candidate representation (B, D)."""
         history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
-        e = self.items(history)  # (B, L, D), zero on padding
+        rows, inverse = self.items.distinct(history)  # (U, D) each distinct behaviour once, (B, L)
+        e = gather_rows(rows, inverse)  # (B, L, D), zero on padding
+        key_term = gather_rows(self.attention.key_term(rows), inverse)  # (B, L, H1) per distinct item, gathered
         cand = self.items(batch.candidate)  # (B, D)
-        pooled, w = self.attention(e, cand, batch.mask)  # (B, D), (B, L)
+        pooled, w = self.attention(e, cand, batch.mask, key_term)  # (B, D), (B, L)
         return pooled, w, cand
 
     def score(self, batch: RankBatch) -> Tensor:

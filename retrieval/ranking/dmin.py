@@ -109,13 +109,14 @@ class BehaviourRefiner(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, e: Tensor, allowed: Tensor) -> Tensor:
-        """e (B, L, D), allowed (B, L, L) -> z (B, L, D)."""
+    def forward(self, e: Tensor, allowed: Tensor, mask: Tensor) -> Tensor:
+        """e (B, L, D), allowed (B, L, L), mask (B, L) -> z (B, L, D), 0 on padding (the
+        position-wise layers run on the real behaviours only)."""
         B, L, D = e.shape
         h = multi_head_attention(e, self.qkv, self.heads, allowed)  # (B, H_R, L, D/H_R)
-        h = h.transpose(1, 2).reshape(B, L, D)  # (B, L, D) heads concatenated
-        a = self.norm(e + self.out(h))  # (B, L, D)
-        return a + self.ffn(a)  # (B, L, D)
+        h = h.transpose(1, 2).reshape(B, L, D)[mask]  # (n_real, D) heads concatenated
+        a = self.norm(e[mask] + self.out(h))  # (n_real, D)
+        return e.new_zeros(e.shape).masked_scatter(mask.unsqueeze(-1), a + self.ffn(a))  # (B, L, D)
 
 
 class InterestHead(nn.Module):
@@ -131,22 +132,30 @@ class InterestHead(nn.Module):
         self.unit = ActivationUnit(dim, config.att_hidden, config.att_act)
         self.att_norm = config.att_norm
 
-    def attention_query(self, cand: Tensor, position: Tensor | None) -> Tensor:
-        """W_q [x_t ⊕ p_j] + b for every row and position: cand (B, D), position (L, P) or None
-        -> (B, L, D), or (B, D) without positions. Computed as W_c x_t + W_p p_j, so the
-        (B, L, D + P) concatenation is never built."""
+    def attention_query(self, cand: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """W_q [x_t ⊕ p_j] + b as its two parts: W_c x_t + b per row (B, D) and W_p p_j per
+        position (L, D) (None without positions); the query of row b at position j is their sum,
+        so the (B, L, D + P) concatenation is never built."""
         D = cand.shape[-1]
         q = F.linear(cand, self.query.weight[:, :D], self.query.bias)  # (B, D)
         if position is None:
-            return q
-        return q.unsqueeze(1) + F.linear(position, self.query.weight[:, D:]).unsqueeze(0)  # (B, L, D)
+            return q, None
+        return q, F.linear(position, self.query.weight[:, D:])  # (B, D), (L, D)
 
     def forward(self, head: Tensor, z: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
         """head (B, L, D/H), z (B, L, D), cand (B, D), position (L, P) encodings or None, mask (B, L)
-        -> interest (B, D), weights (B, L) (0 on padding)."""
-        i = self.norm(z + self.out(head))  # (B, L, D)
-        i = (i + self.ffn(i)) * mask.unsqueeze(-1)  # (B, L, D), zero on padding
-        interest, w = self.unit(i, self.attention_query(cand, position), mask)  # (B, D), (B, L)
+        -> interest (B, D), weights (B, L) (0 on padding). The position-wise layers run on the
+        real behaviours only."""
+        i = self.norm(z[mask] + self.out(head[mask]))  # (n_real, D)
+        i = z.new_zeros(z.shape).masked_scatter(mask.unsqueeze(-1), i + self.ffn(i))  # (B, L, D), zero on padding
+        q_row, q_pos = self.attention_query(cand, position)  # (B, D), (L, D) or None
+        if q_pos is None:
+            query, query_term = q_row, None
+        else:  # the unit's query term is linear: per row + per position, never (B, L, D) x (D, H1)
+            L = i.shape[1]
+            query = q_row.unsqueeze(1) + q_pos[:L].unsqueeze(0)  # (B, L, D)
+            query_term = self.unit.query_term(q_row).unsqueeze(1) + self.unit.query_term(q_pos[:L], bias=False)
+        interest, w = self.unit(i, query, mask, query_term=query_term)  # (B, D), (B, L)
         if self.att_norm == "softmax":
             w = masked_softmax(w, mask, dim=1)  # (B, L)
             interest = (w.unsqueeze(-1) * i).sum(1)  # (B, D)
@@ -192,14 +201,14 @@ class DMIN(ClickModel):
 
 
     def _refine(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D), attention mask (B, L, L)."""
+        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D) (0 on padding), attention mask (B, L, L)."""
         L = batch.history.shape[1]
         if self.extractor.position is not None and L > self.config.max_len:
             raise ValueError(f"history length {L} exceeds max_len={self.config.max_len} (position table)")
         history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
         allowed = attention_mask(batch.mask)  # (B, L, L)
         e = self.items(history)  # (B, L, D), zero on padding
-        return e, self.refiner(e, allowed), allowed
+        return e, self.refiner(e, allowed, batch.mask), allowed
 
     def _logit(self, batch: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
         cand = self.items(batch.candidate)  # (B, D)
@@ -207,7 +216,7 @@ class DMIN(ClickModel):
         return self.mlp_logit([interests.flatten(1), cand], batch)  # (B, H_E * D), (B, D)
 
     def refine(self, batch: RankBatch) -> Tensor:
-        """Refined behaviours z (B, L, D) (values at padded positions are meaningless)."""
+        """Refined behaviours z (B, L, D) (0 at padded positions)."""
         return self._refine(batch)[1]
 
     def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
