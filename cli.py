@@ -246,7 +246,7 @@ def query(
         from retrieval.ranking.scoring import rerank
 
         ranker = load_ranker(rank, b)
-        order, logits = rerank(ranker.model, ds, hist, rec.items)  # each item's retrieval score and interest follow it
+        order, logits = rerank(ranker.model, ds, hist, rec.items, rec.scores)  # each item's retrieval score and interest follow it
         order = order[:, :n]
         rec.items, rec.scores, rec.interest = (np.take_along_axis(x, order, 1) for x in (rec.items, rec.scores, rec.interest))
         rank_scores = logits[:, :n]
@@ -344,40 +344,48 @@ def train_ranker_cmd(
     bundle: Annotated[Path, typer.Option(help="Retrieval bundle: its data, split and (for hard negatives) model.")],
     out: Annotated[Path, typer.Option(help="Ranker bundle directory to write.")],
     model: Annotated[str, typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")] = "din",
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs; early stopping usually ends sooner.")] = 50,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
-    negative_source: Annotated[str, typer.Option(help="uniform (never-touched items) or retrieval (the retriever's top-M).")] = "uniform",
-    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user for hard negatives.")] = 200,
+    negative_source: Annotated[str, typer.Option(help="uniform (never-touched items, mixed by --hard-share) or retrieval (every negative from the retriever's top-M).")] = "uniform",
+    hard_share: Annotated[float, typer.Option(min=0, max=1, help="Share of negatives drawn from the retriever's top-M candidates the user did not take; the rest uniform.")] = 0.0,
+    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user (hard negatives, two-stage validation).")] = 200,
     dim: Annotated[int, typer.Option(min=2, help="Embedding size per field.")] = 16,
     max_len: Annotated[int, typer.Option(min=1)] = 50,
-    patience: Annotated[int, typer.Option(min=1)] = 2,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation figure before stopping.")] = 3,
+    monitor: Annotated[str, typer.Option(help="Validation figure early stopping follows: auc, gauc or ndcg@20 (two-stage).")] = "auc",
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Choose the weight of the retrieval score in the served order on validation users.")] = True,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC."""
+    """Train a second-stage ranker on the retrieval bundle's training users, to convergence on validation users."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import save_ranker
     from retrieval.ranking.models import NAMES
-    from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
+    from retrieval.ranking.train import MONITORS, RankTrainConfig, retrieval_candidates, train_ranker
 
     if model not in NAMES:
         _fail(f"--model must be one of {', '.join(NAMES)}, got {model!r}")
     if negative_source not in ("uniform", "retrieval"):
         _fail(f"--negative-source must be uniform or retrieval, got {negative_source!r}")
+    if monitor not in MONITORS:
+        _fail(f"--monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
     b = load_bundle(bundle)
     cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
-                          negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
-                          dim=dim, max_len=max_len)
-    hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+                          negative_source=negative_source, hard_share=hard_share, retrieval_m=candidates,
+                          patience=patience, monitor=monitor, fuse=fuse, seed=seed, dim=dim, max_len=max_len)
+    rc = retrieval_candidates(b.model, b.dataset, b.split, candidates) if cfg.needs_retrieval else None
 
-    def save(m, history):  # rewrite the best ranker so far, atomically
-        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history)})
+    def save(m, history, fusion=None):  # rewrite the best ranker so far, atomically
+        save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history),
+                                                  **({"fusion": fusion} if fusion else {})})
 
-    result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save)
-    save(result.model, result.history)
-    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
-               f"{result.samples_per_s:,.0f} samples/s")
+    result = train_ranker(b.dataset, b.split, cfg, retrieval=rc, on_improve=save)
+    save(result.model, result.history, result.fusion)
+    typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch} of {len(result.history)}  "
+               + "  ".join(f"{k} {v:.4f}" for k, v in result.best.items())
+               + (f"  retrieval weight {result.fusion['weight']:g}" if result.fusion else "")
+               + f"  {result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()
@@ -442,17 +450,22 @@ def experiment_rankers(
     user_features: Annotated[Optional[str], typer.Option(help="Comma-separated profile columns.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = "2026,2027,2028,2029,2030",
     rankers: Annotated[str, typer.Option(help="Comma-separated rankers or variants (name:key=value;key=value).")] = (
-        "base,din,dmin,dien,dien:aux_weight=0,dien:evolution=aigru,dien:evolution=agru,dsin"),
-    epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs.")] = 10,
+        "base,din,dmin,dien,dsin"),
+    epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs; early stopping usually ends sooner.")] = 50,
+    patience: Annotated[int, typer.Option(min=1, help="Ranker epochs without a better validation figure before stopping.")] = 3,
+    monitor: Annotated[str, typer.Option(help="Validation figure the rankers' early stopping follows: auc, gauc or ndcg@20.")] = "auc",
+    negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
+    hard_share: Annotated[float, typer.Option(min=0, max=1, help="Share of negatives from the retriever's top-M.")] = 0.0,
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
 ) -> None:
-    """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
+    """Every ranker (and variants) over several split seeds: AUC, GAUC, log loss, two-stage NDCG, speed (mean ± std)."""
     from retrieval.artifacts import atomic_write_json
     from retrieval.data import DataSpec, load_dataset
-    from retrieval.ranking.experiment import format_ranker_table, parse_variant, run_ranker_experiment
-    from retrieval.ranking.train import RankTrainConfig
+    from retrieval.ranking.experiment import format_ranker_table, parse_variant, run_ranker_experiment, variant_config
+    from retrieval.ranking.models import ranker_config
+    from retrieval.ranking.train import MONITORS, RankTrainConfig
     from retrieval.train import TrainConfig
 
     try:
@@ -462,10 +475,20 @@ def experiment_rankers(
             parse_variant(v)
     except ValueError as err:
         _fail(str(err) if "ranker" in str(err) else f"--seeds must be comma-separated integers, got {seeds!r}")
+    if monitor not in MONITORS:
+        _fail(f"--monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
     spec = DataSpec(interactions, items, users, user_features=_columns(user_features))
     ds = load_dataset(spec)
+    rank_train = RankTrainConfig(epochs=epochs, patience=patience, monitor=monitor, negatives=negatives,
+                                 hard_share=hard_share, retrieval_m=candidates, seed=seed)
+    for v in variants:  # a bad setting fails now, not after hours of training
+        try:
+            cfg = variant_config(rank_train, *parse_variant(v)[1:])
+            ranker_config(cfg.model, ds, **cfg.settings)
+        except (ValueError, TypeError) as err:
+            _fail(f"ranker {v!r}: {err}")
     report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                   RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
+                                   rank_train, m=candidates, jobs=jobs,
                                    on_seed=lambda partial: atomic_write_json(out, partial))
     atomic_write_json(out, report)
     typer.echo(format_ranker_table(report))
