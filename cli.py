@@ -331,8 +331,9 @@ def evaluate(
     if "ranker" in report:
         r = report["ranker"]
         typer.echo(f"ranker {r['model']}: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}  "
+                   f"log loss {r['standalone']['log_loss']:.4f}  retrieval weight {r['retrieval_weight']:g}  "
                    f"({r['candidates_per_s']:,.0f} candidates/s)")
-        for stage in ("retrieval_only", "two_stage"):
+        for stage in ("retrieval_only", "two_stage", "two_stage_ranker_only"):
             typer.echo(f"  {stage:<15}" + "  ".join(f"{k} {v:.4f}" for k, v in r[stage].items()))
     if out:
         typer.echo(f"report: {out}")
