@@ -196,6 +196,25 @@ def test_training_pairs_positives_are_every_train_position(small):
     assert not touched.contains(rows.users[~pos], rows.candidates[~pos]).any()
 
 
+def test_training_pairs_horizon_draws_the_positive_from_the_next_behaviours(small):
+    ds, split = small.dataset, small.split
+    touched = TouchedItems(ds)
+    one = training_pairs(ds, split, touched, 1, np.random.default_rng(0))
+    rows = training_pairs(ds, split, touched, 1, np.random.default_rng(0), horizon=5)
+    pos = rows.labels == 1
+    np.testing.assert_array_equal(rows.users[pos], one.users[one.labels == 1])  # same history ends
+    np.testing.assert_array_equal(rows.ends[pos], one.ends[one.labels == 1])
+    offset = []
+    for u, t, item in zip(rows.users[pos], rows.ends[pos], rows.candidates[pos]):
+        seq = ds.sequence(u)
+        window = seq[t : t + 5].tolist()
+        assert item in window  # one of behaviours t .. t + 4, never one of the history
+        offset.append(window.index(item))
+    assert len(set(offset)) == 5 and np.mean(np.array(offset) == 0) < 0.5  # not only the next one
+    with pytest.raises(ValueError, match="horizon=0 must be at least 1"):
+        training_pairs(ds, split, touched, 1, np.random.default_rng(0), horizon=0)
+
+
 def test_training_pairs_draw_hard_negatives_from_the_given_lists(small):
     ds, split = small.dataset, small.split
     touched = TouchedItems(ds)

@@ -55,6 +55,7 @@ class RankTrainConfig:
     negative_source: str = "uniform"  # uniform: mix by hard_share; retrieval: every negative from the top-M
     hard_share: float = 0.0  # probability that a negative is drawn from the retriever's top-M (else uniform)
     retrieval_m: int = 200  # M candidates per user for hard negatives and the two-stage validation
+    horizon: int = 1  # the positive of history end t: one of the behaviours t .. t + horizon - 1 (1 = the next)
     patience: int = 3  # epochs without a better validation figure before stopping
     monitor: str = "auc"  # the validation figure early stopping follows: auc, gauc or ndcg@20 (two-stage)
     fuse: bool = True  # choose the fusion weight with the retrieval score on validation users
@@ -69,6 +70,8 @@ class RankTrainConfig:
             raise ValueError(f"negative_source={self.negative_source!r}; use uniform or retrieval")
         if not 0.0 <= self.hard_share <= 1.0:
             raise ValueError(f"hard_share={self.hard_share} must lie in [0, 1]")
+        if self.horizon < 1:
+            raise ValueError(f"horizon={self.horizon} must be at least 1")
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor={self.monitor!r}; use one of {', '.join(MONITORS)}")
 
@@ -151,14 +154,25 @@ def training_pairs(
     rng: np.random.Generator,
     hard: dict[int, np.ndarray] | None = None,
     hard_share: float = 1.0,
+    horizon: int = 1,
 ) -> PairSet:
-    """One epoch's rows: every training positive and `negatives` fresh negatives for each.
+    """One epoch's rows: a positive for every training history end t (history = the behaviours
+    before t) and `negatives` fresh negatives for each.
 
-    Without `hard` every negative is uniform over the items the user never touched; with it
-    each negative is drawn from the user's list in `hard` with probability `hard_share`
-    (uniformly within the list), else uniformly (also where a user's list is empty)."""
+    The positive is behaviour t itself (horizon 1) or one of the behaviours t .. t + horizon - 1,
+    drawn afresh each epoch: a held-out user's ground truth is every later behaviour, not only
+    the next, and where a burst of ratings shares one timestamp the "next" one is the log's
+    tie-break. Without `hard` every negative is uniform over the items the user never touched;
+    with it each negative is drawn from the user's list in `hard` with probability
+    `hard_share` (uniformly within the list), else uniformly (also where a user's list is empty)."""
+    if horizon < 1:
+        raise ValueError(f"horizon={horizon} must be at least 1")
     users, pos = training_positions(ds, split.train_users, split.history_len)
-    pos_items = ds.items[ds.offsets[users] + pos].astype(np.int64)
+    target = pos
+    if horizon > 1:
+        reach = np.minimum(horizon, split.history_len[users] - pos)  # (R,) >= 1 behaviours from t on
+        target = pos + (rng.random(len(pos)) * reach).astype(np.int64)
+    pos_items = ds.items[ds.offsets[users] + target].astype(np.int64)
     neg_users = np.repeat(users, negatives)
     neg_items = touched.sample(neg_users, rng)
     if hard is not None and hard_share > 0:
@@ -228,7 +242,7 @@ def train_ranker(
     total_rows, total_time = 0, 0.0
     for epoch in range(1, config.epochs + 1):
         rows = training_pairs(ds, split, touched, config.negatives, rng,
-                              retrieval.hard if retrieval is not None else None, config.share)
+                              retrieval.hard if retrieval is not None else None, config.share, config.horizon)
         order = rng.permutation(len(rows))
         steps = (len(order) + config.batch_size - 1) // config.batch_size
         model.train()
