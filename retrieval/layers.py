@@ -183,6 +183,35 @@ class ActivationUnit(nn.Module):
         return (w.unsqueeze(-1) * keys).sum(1), w
 
 
+    @torch.no_grad()
+    def pool_shared(self, keys: Tensor, query: Tensor, mask: Tensor, rows: Tensor,
+                    key_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scoring (eval mode) of B queries against H shared histories: keys (H, L, D), query (B, D),
+        mask (H, L), rows (B,) the history of each query -> pooled (B, D), weights (B, L): the
+        values of forward() on the gathered histories, without the (B, L, D) copies.
+
+        Per history g, the k⊙q term of its n_g queries is one matmul, q (n_g, D) against
+        W_p ⊙ k_l for every behaviour l ((L·H1, D)), and the pooling is w (n_g, L) @ k (L, D)."""
+        if self.training:
+            raise RuntimeError("pool_shared is the scoring path; training uses forward()")
+        Wkey, Wqry, Wp, bias = self._blocks()
+        kt = key_term if key_term is not None else F.linear(keys, Wkey)  # (H, L, H1)
+        qt = F.linear(query, Wqry, bias)  # (B, H1)
+        H, L, D = keys.shape
+        pooled = keys.new_zeros(len(query), D)  # (B, D)
+        weights = keys.new_zeros(len(query), L)  # (B, L)
+        for g in range(H):
+            idx = (rows == g).nonzero().squeeze(1)  # (n_g,) queries of history g
+            if len(idx) == 0:
+                continue
+            w_kq = (Wp.unsqueeze(0) * keys[g].unsqueeze(1)).reshape(L * Wp.shape[0], D)  # (L·H1, D): W_p ⊙ k_l
+            h = F.linear(query[idx], w_kq).view(len(idx), L, -1).add_(kt[g]).add_(qt[idx].unsqueeze(1))  # (n_g, L, H1)
+            w = self.mlp[1:](h.flatten(0, 1)).view(len(idx), L).masked_fill(~mask[g], 0.0)  # (n_g, L)
+            pooled[idx] = w @ keys[g]  # (n_g, D)
+            weights[idx] = w
+        return pooled, weights
+
+
 class TargetAttention(nn.Module):
     """Softmax attention of a sequence against a target (DIEN eq. 8, DSIN eqs. 9-10).
 

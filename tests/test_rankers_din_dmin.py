@@ -379,3 +379,29 @@ def test_model_overfits_a_tiny_separable_problem(model_cls, config_cls):
         last = model.losses(batch)  # still in train mode: Dice on batch statistics
     assert last["total"] < 0.5 * first["total"], (first, last)
     assert last["bce"] < 0.5 * first["bce"], (first, last)
+
+
+@pytest.mark.parametrize("model_cls, config_cls", MODELS)
+def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, config_cls):
+    """RankBatch.rows: 3 histories, 12 candidates scored against them (DIN's and the base's
+    shared-history path, or per_row() for DMIN) give each candidate the score of its own row."""
+    torch.manual_seed(0)
+    model = model_cls(small(config_cls), item_features())
+    model.loss(problem(3))  # move Dice's running statistics away from their start
+    model.eval()
+    hist = problem(21, B=3)
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
+    shared = replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
+    own = shared.per_row()
+    assert own.rows is None and own.history.shape == (12, 6)
+    assert torch.equal(own.history, hist.history[rows]) and torch.equal(own.user_features["g"], hist.user_features["g"][rows])
+    torch.testing.assert_close(model.score(shared), model.score(own), rtol=1e-5, atol=1e-6)
+    if model_cls is DIN:  # the weights too
+        _, w_shared, _ = model.interest(shared)
+        _, w_own, _ = model.interest(own)
+        torch.testing.assert_close(w_shared, w_own, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w_shared == 0, ~own.mask)
+    with pytest.raises(RuntimeError, match="scoring path"):
+        ActivationUnit(4).train().pool_shared(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.ones(1, 2, dtype=torch.bool),
+                                              torch.zeros(3, dtype=torch.long))

@@ -357,6 +357,7 @@ class CandidateScorer(EmbeddingMLP):
     """Logit = candidate index, negated for histories longer than two behaviours."""
 
     def score(self, batch):
+        batch = batch.per_row()  # scoring shares histories between candidates (RankBatch.rows)
         s = batch.candidate.float()
         return torch.where(batch.mask.sum(1) > 2, -s, s)
 

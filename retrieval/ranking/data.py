@@ -75,13 +75,16 @@ def make_rank_batch(
     neg_history: bool = False,
     sessions: SessionSpec | None = None,
     seqs: Sequences | None = None,
+    rows: np.ndarray | None = None,
 ) -> RankBatch:
     """A ranker batch: history before position ends[b] of row users[b], scored against candidates[b].
 
     The histories are read from `seqs`: the dataset itself by default (users[b] is then a user
     index), or a Histories of request-time behaviours (users[b] is then its row, and the
     row's user, -1 for one not in the dataset, gives the profile). `touched` is needed only
-    for negative histories (training). Histories are left-aligned, so the history tensors are
+    for negative histories (training). With `rows` (B,), users / ends describe H distinct
+    histories and candidate b is scored against history rows[b] (`RankBatch.rows`): scoring M
+    candidates of one history gathers and encodes it once. Histories are left-aligned, so the history tensors are
     (B, L') with L' the longest history of the batch (at most max_len): a batch of short
     histories (one new user's request) costs what its behaviours cost."""
     seqs = ds if seqs is None else seqs
@@ -96,6 +99,7 @@ def make_rank_batch(
         candidate=torch.from_numpy(candidates.astype(np.int64)),
         user_features=feats,
         label=None if labels is None else torch.from_numpy(labels.astype(np.float32)),
+        rows=None if rows is None else torch.from_numpy(rows.astype(np.int64)),
     )
     if neg_history:
         assert rng is not None and touched is not None, "negative histories need a random generator and touched items"

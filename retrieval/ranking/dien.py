@@ -142,6 +142,7 @@ class DIEN(ClickModel):
 
     def _forward(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
         """-> logits (B,), interest states h (B, L, G), behaviour embeddings e (B, L, D)."""
+        batch = batch.per_row()
         mask = batch.mask
         e = self.items(batch.history.masked_fill(~mask, 0))  # (B, L, D), zero on padding
         cand = self.items(batch.candidate)  # (B, D)
@@ -159,6 +160,7 @@ class DIEN(ClickModel):
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2
         (aux = 0 when aux_weight = 0, l2 = 0 when config.l2 = 0)."""
+        batch = batch.per_row()
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")

@@ -217,20 +217,24 @@ class DMIN(ClickModel):
 
     def refine(self, batch: RankBatch) -> Tensor:
         """Refined behaviours z (B, L, D) (0 at padded positions)."""
+        batch = batch.per_row()
         return self._refine(batch)[1]
 
     def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
         """The H_E candidate-activated interests (B, H_E, D) and their weights (B, H_E, L)."""
+        batch = batch.per_row()
         _, z, allowed = self._refine(batch)
         return self.extractor(z, self.items(batch.candidate), batch.mask, allowed)
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
+        batch = batch.per_row()
         _, z, allowed = self._refine(batch)
         return self._logit(batch, z, allowed)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2."""
+        batch = batch.per_row()
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")

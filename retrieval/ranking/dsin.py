@@ -172,6 +172,7 @@ class DSIN(ClickModel):
     def attend(self, batch: RankBatch) -> dict[str, Tensor]:
         """The layers up to the activating units: interests I (B, S, D), LSTM states H
         (B, S, 2·hidden), their weights (B, S) and pooled vectors U^I (B, D), U^H (B, 2·hidden)."""
+        batch = batch.per_row()
         sessions, mask = batch.sessions, batch.session_mask
         if sessions is None or mask is None:
             raise ValueError("DSIN needs batch.sessions and batch.session_mask (see sessions.divide_sessions)")
@@ -189,6 +190,7 @@ class DSIN(ClickModel):
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
+        batch = batch.per_row()
         z = self.attend(batch)
         profile = self.profile(batch.user_features, len(z["cand"])).to(z["cand"])  # (B, P)
         x = torch.cat([z["U_I"], z["U_H"], z["cand"], profile], dim=-1)  # (B, D + 2Hl + D + P)
@@ -196,6 +198,7 @@ class DSIN(ClickModel):
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
+        batch = batch.per_row()
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
         ids = [batch.sessions.masked_fill(~batch.session_mask, 0), batch.candidate]

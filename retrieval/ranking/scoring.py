@@ -34,15 +34,20 @@ from retrieval.samples import Histories, Sequences
 def score_pairs(
     model: Ranker, ds: Dataset, pairs: PairSet, batch_size: int = 4096, seqs: Sequences | None = None
 ) -> np.ndarray:
-    """Logits (R,) of every (row, history end, candidate) pair; rows index `seqs` (default the dataset)."""
+    """Logits (R,) of every (row, history end, candidate) pair; rows index `seqs` (default the dataset).
+
+    Pairs that share a history (a user's M candidates) are scored against one copy of it
+    (`RankBatch.rows`)."""
     if model.training:  # eval() walks every module: not on every request
         model.eval()
     spec = needs(model)
     out = []
     for i in range(0, len(pairs), batch_size):
         p = pairs.take(np.arange(i, min(i + batch_size, len(pairs))))
-        b = make_rank_batch(ds, None, p.users, p.ends, p.candidates, None, spec.max_len, sessions=spec.sessions,
-                            seqs=seqs)
+        key = p.users.astype(np.int64) * (int(p.ends.max()) + 1) + p.ends  # one key per distinct history
+        _, first, rows = np.unique(key, return_index=True, return_inverse=True)
+        b = make_rank_batch(ds, None, p.users[first], p.ends[first], p.candidates, None, spec.max_len,
+                            sessions=spec.sessions, seqs=seqs, rows=rows.reshape(-1))
         out.append(model.score(b).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
