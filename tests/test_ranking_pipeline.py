@@ -215,6 +215,26 @@ def test_training_pairs_horizon_draws_the_positive_from_the_next_behaviours(smal
         training_pairs(ds, split, touched, 1, np.random.default_rng(0), horizon=0)
 
 
+def test_step_groups_keep_each_positive_with_its_negatives(small):
+    from retrieval.ranking.train import step_groups
+
+    ds, split = small.dataset, small.split
+    rows = training_pairs(ds, split, TouchedItems(ds), negatives=3, rng=np.random.default_rng(0))
+    P = int(rows.labels.sum())
+    seen = []
+    for idx, hist in step_groups(rows, 3, batch_size=50, rng=np.random.default_rng(1)):
+        G = hist.max() + 1
+        assert G == 12 or len(seen) * 12 + G == P  # 50 // 4 positives a step, the rest in the last one
+        assert len(idx) == 4 * G and (rows.labels[idx[:G]] == 1).all() and (rows.labels[idx[G:]] == 0).all()
+        # every row of a group has the group's user and history end: one history, encoded once
+        np.testing.assert_array_equal(rows.users[idx], rows.users[idx[:G]][hist])
+        np.testing.assert_array_equal(rows.ends[idx], rows.ends[idx[:G]][hist])
+        seen.append(idx)
+    every = np.concatenate(seen)
+    assert sorted(every.tolist()) == list(range(len(rows)))  # each row once an epoch
+    assert not (np.concatenate([s[: len(s) // 4] for s in seen]) == np.arange(P)).all()  # shuffled
+
+
 def test_training_pairs_draw_hard_negatives_from_the_given_lists(small):
     ds, split = small.dataset, small.split
     touched = TouchedItems(ds)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -189,6 +189,23 @@ def training_pairs(
     )
 
 
+def step_groups(rows: PairSet, negatives: int, batch_size: int, rng: np.random.Generator
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch's steps over `training_pairs` rows (P positives, then `negatives` for each):
+    each step takes batch_size // (1 + negatives) positives (at least one) in a shuffled order,
+    each with its own negatives, and yields (row indices (B,), history of each row (B,)) where
+    the history index is the positive's place in the step. A positive and its negatives share
+    one history, which the models then encode once (`RankBatch.rows`)."""
+    P = len(rows) // (1 + negatives)
+    per_step = max(1, batch_size // (1 + negatives))
+    order = rng.permutation(P)
+    for s in range(0, P, per_step):
+        g = order[s : s + per_step]  # (G,) positives
+        neg = (P + g[:, None] * negatives + np.arange(negatives)).reshape(-1)  # (G k,) their negatives
+        hist = np.concatenate([np.arange(len(g)), np.repeat(np.arange(len(g)), negatives)])
+        yield np.concatenate([g, neg]), hist
+
+
 def two_stage_ndcg(model: Ranker, ds: Dataset, retrieval: RetrievalCandidates,
                    weights: tuple[float, ...] = (0.0,), n: int = 20) -> dict[float, float]:
     """Validation users' NDCG@n of their top-M reordered by logit + w × z, for each weight w."""
@@ -243,31 +260,32 @@ def train_ranker(
     for epoch in range(1, config.epochs + 1):
         rows = training_pairs(ds, split, touched, config.negatives, rng,
                               retrieval.hard if retrieval is not None else None, config.share, config.horizon)
-        order = rng.permutation(len(rows))
-        steps = (len(order) + config.batch_size - 1) // config.batch_size
+        steps = list(step_groups(rows, config.negatives, config.batch_size, rng))
         model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
-        with progress_bar(f"{config.model} epoch {epoch}", steps, enabled=show_progress) as bar:
-            for s in range(steps):
-                p = rows.take(order[s * config.batch_size : (s + 1) * config.batch_size])
-                b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len, rng,
-                                    neg_history=spec.neg_history, sessions=spec.sessions)
+        t0, loss_sum, done = time.perf_counter(), 0.0, 0
+        with progress_bar(f"{config.model} epoch {epoch}", len(steps), enabled=show_progress) as bar:
+            for s, (idx, hist_rows) in enumerate(steps):
+                p = rows.take(idx)
+                first = idx[: hist_rows.max() + 1]  # each group's positive: its history's user and end
+                b = make_rank_batch(ds, touched, rows.users[first], rows.ends[first], p.candidates, p.labels,
+                                    spec.max_len, rng, neg_history=spec.neg_history, sessions=spec.sessions,
+                                    rows=hist_rows)
                 loss = model.loss(b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loss_sum += loss.item()
-                bar.update(loss=loss_sum / (s + 1),
-                           rate=min((s + 1) * config.batch_size, len(order)) / max(time.perf_counter() - t0, 1e-9))
+                done += len(idx)
+                bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
         seconds = time.perf_counter() - t0
-        total_rows, total_time = total_rows + len(order), total_time + seconds
+        total_rows, total_time = total_rows + len(rows), total_time + seconds
         t1 = time.perf_counter()
         val = pair_metrics(model, ds, val_pairs)
-        entry = {"epoch": epoch, "loss": loss_sum / steps, "val_auc": val["auc"], "val_gauc": val["gauc"],
+        entry = {"epoch": epoch, "loss": loss_sum / len(steps), "val_auc": val["auc"], "val_gauc": val["gauc"],
                  "val_log_loss": val["log_loss"]}
         if retrieval is not None:
             entry["val_ndcg@20"] = two_stage_ndcg(model, ds, retrieval)[0.0]
-        entry.update({"samples_per_s": len(order) / seconds, "seconds": seconds,
+        entry.update({"samples_per_s": len(rows) / seconds, "seconds": seconds,
                       "validation_seconds": time.perf_counter() - t1})
         history.append(entry)
         log.info("%s epoch %d  loss %.4f  val auc %.4f  gauc %.4f  log loss %.4f%s  %.0f samples/s  %.1fs",
