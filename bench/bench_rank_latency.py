@@ -67,9 +67,10 @@ def run(data: Path, rankers: list[str], requests: int, m: int, threads: int) -> 
 def table(res: dict[str, Any]) -> str:
     lines = [f"rerank one user's {res['M']} candidates, {res['requests']} requests, {res['threads']} thread(s), "
              f"load {res['load_before']:.1f} -> {res['load_after']:.1f}",
-             f"{'ranker':<40}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
+             f"{'ranker':<40}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'cpu p50':>10}{'cpu p99':>10}"]
     for label, r in res["rankers"].items():
-        lines.append(f"{label:<40}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}")
+        lines.append(f"{label:<40}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}"
+                     f"{r['cpu_p50_ms']:>10.2f}{r['cpu_p99_ms']:>10.2f}")
     return "\n".join(lines)
 
 
