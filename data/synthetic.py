@@ -34,12 +34,11 @@ Logs are written as CSV or Parquet (`fmt`), with the same content.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import errno
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,7 +46,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from retrieval.artifacts import atomic_write_bytes
+from retrieval.artifacts import atomic_dir, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ CATEGORY_NAMES = ("news", "sports", "music", "movies", "tech", "food", "travel",
 
 WITHIN_GAP_S = (30, 600)  # seconds between items of one session, inclusive
 SESSION_GAP_MIN_S = 1800  # every gap between sessions is longer than this (30 minutes)
+KIND = "synthetic-data"  # the manifest kind of a generated data directory
 CHUNK_USERS = 65_536  # users drawn at once by the vectorised method; part of what a seed produces
 
 Method = Literal["per_user", "vectorised"]
@@ -536,35 +536,25 @@ def _id(col: str, prefix: str) -> pl.Expr:
     return pl.concat_str(pl.lit(prefix), (pl.col(col).cast(pl.Int64) + 1).cast(pl.String).str.zfill(5))
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it is renamed onto `path`, so a crash never
-    leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write(frame: pl.LazyFrame, path: Path, fmt: Format) -> None:
-    """Stream a frame to CSV or Parquet atomically; string ids are formatted batch by batch,
-    so a 50M-row log never holds its id columns in memory at once."""
-    with _atomic_path(path) as tmp:
+    """Stream a frame to CSV or Parquet; string ids are formatted batch by batch, so a
+    50M-row log never holds its id columns in memory at once."""
+    try:
         if fmt == "csv":
-            frame.sink_csv(tmp)
+            frame.sink_csv(path)
         else:
-            frame.sink_parquet(tmp)
+            frame.sink_parquet(path)
+    except pl.exceptions.PolarsError as err:  # polars reports a failed write (a full disk) this way
+        raise OSError(errno.EIO, " ".join(str(err).split())[:200], str(path)) from None
 
 
 def generate(out_dir: Path, config: SyntheticConfig = SyntheticConfig(), fmt: Format = "csv") -> dict[str, Path]:
     """Write interactions, items and users (as .csv or .parquet, `fmt`) and planted.json into
     out_dir; return their paths by name.
+
+    out_dir is written whole and atomically, with a manifest.json of kind "synthetic-data"
+    (the config), so generating again replaces it, and a directory holding anything else is
+    refused rather than mixed with a log.
 
     interactions holds user_id,item_id,timestamp grouped by user in time order;
     items item_id,title,category for every item; users user_id,age,gender;
@@ -599,16 +589,16 @@ def generate(out_dir: Path, config: SyntheticConfig = SyntheticConfig(), fmt: Fo
         "user_topics": dict(zip(user_ids, log_.user_topics)),
     }
 
-    paths = {
-        "interactions": out_dir / f"interactions.{fmt}",
-        "items": out_dir / f"items.{fmt}",
-        "users": out_dir / f"users.{fmt}",
-        "planted": out_dir / "planted.json",
-    }
-    _write(interactions, paths["interactions"], fmt)
-    _write(items_df, paths["items"], fmt)
-    _write(users_df, paths["users"], fmt)
-    atomic_write_bytes(paths["planted"], (json.dumps(planted) + "\n").encode())
+    names = {"interactions": f"interactions.{fmt}", "items": f"items.{fmt}", "users": f"users.{fmt}",
+             "planted": "planted.json"}
+    with atomic_dir(out_dir, KIND) as tmp:
+        _write(interactions, tmp / names["interactions"], fmt)
+        _write(items_df, tmp / names["items"], fmt)
+        _write(users_df, tmp / names["users"], fmt)
+        (tmp / names["planted"]).write_text(json.dumps(planted) + "\n")
+        write_manifest(tmp, {"kind": KIND, "format": fmt, "config": dataclasses.asdict(cfg), "files": names,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    paths = {name: out_dir / file for name, file in names.items()}
     log.info(
         "synthetic log (%s): %d users, %d items, %d interactions, mean length %.1f -> %s",
         cfg.method, cfg.n_users, cfg.n_items, log_.user.size, log_.user.size / cfg.n_users, out_dir,

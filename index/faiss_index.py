@@ -25,11 +25,12 @@ import numpy as np
 
 from retrieval.artifacts import (
     MANIFEST,
+    MANIFEST_CHECKSUM,
     atomic_dir,
-    atomic_write_json,
     file_fingerprint,
     package_versions,
     read_manifest,
+    write_manifest,
 )
 from retrieval.errors import ArtifactError, RetrievalError
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 KIND = "index"
 METRIC = "inner_product"
-_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256")
+_RESERVED = ("kind", "d", "ntotal", "metric", "packages", "created", "index_sha256", "files_sha256", MANIFEST_CHECKSUM)
 
 
 def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -51,11 +52,7 @@ def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
     N, d = xb.shape
     if N == 0:
         raise RetrievalError("cannot build an index over 0 item vectors")
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        reason = _faiss_reason(err)
-        raise RetrievalError(f"bad faiss index factory {factory!r} for d={d}: {reason}") from None
+    index = empty_index(factory, d)
     if not index.is_trained:
         nlist = _nlist(index)
         if nlist is not None and N < nlist:
@@ -74,11 +71,57 @@ def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
     return index
 
 
-def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically write out_dir/index.faiss and out_dir/manifest.json.
+def empty_index(factory: str, d: int) -> faiss.Index:
+    """The untrained, empty index of a factory string, refused (RetrievalError) unless the
+    serving path can use it: inner product, and faiss ids that are row positions (no IDMap,
+    which would need ids from the caller). Cheap: nothing is trained or added."""
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = _faiss_reason(err)
+        if _builds(lambda: faiss.index_binary_factory(d, factory)):
+            reason = "a binary index (Hamming distance) cannot serve inner-product queries"
+        elif _builds(lambda: faiss.index_factory(d, factory, faiss.METRIC_L2)):
+            reason = "this index supports only L2 distance, not the inner product the query path uses"
+        raise RetrievalError(f"bad faiss index factory {factory!r} for d={d}: {reason}") from None
+    reason = _unservable(index)
+    if reason is not None:
+        raise RetrievalError(f"index factory {factory!r} cannot serve queries: {reason}")
+    return index
+
+
+def _builds(make: Any) -> bool:
+    try:
+        make()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _unservable(index: faiss.Index) -> str | None:
+    """Why the query path cannot use `index`, or None when it can."""
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return f"its metric is not inner product (faiss metric {index.metric_type})"
+    while True:
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            return "an IDMap takes its ids from the caller, but the query path reads faiss ids as item rows; drop the IDMap"
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return None
+
+
+def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any],
+               files: dict[str, bytes] | None = None) -> None:
+    """Atomically write out_dir/index.faiss, the extra `files` (name -> bytes) beside it and
+    out_dir/manifest.json.
 
     The manifest holds kind "index", factory, d, ntotal, metric "inner_product", package
-    versions, the created time and the index file's sha256, plus the caller's fields
+    versions, the created time, the index file's sha256 and each extra file's sha256
+    (`files_sha256`, checked by load_index like the index's own), plus the caller's fields
     (e.g. bundle_fingerprint). `factory` is taken from the caller's fields when given (the
     string passed to build_index), else recovered from the index.
     """
@@ -89,11 +132,23 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
     clash = sorted(set(manifest) & set(_RESERVED))
     if clash:
         raise ValueError(f"manifest fields {clash} are written by save_index itself")
+    files = files or {}
+    for name in files:
+        if name in (INDEX_FILE, MANIFEST) or Path(name).name != name:
+            raise ValueError(f"extra index file {name!r}: a plain file name other than {INDEX_FILE} and {MANIFEST}")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        atomic_write_json(
-            tmp / MANIFEST,
+    with atomic_dir(out_dir, KIND) as tmp:
+        # Through a Python file: faiss's own writer ignores a failed fclose, so a full disk can
+        # leave a truncated index without an error; here every failed write raises OSError.
+        try:
+            with open(tmp / INDEX_FILE, "wb") as f:
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        except RuntimeError as err:
+            raise ArtifactError(f"{out_dir}: writing the index failed ({_faiss_reason(err)}); nothing was replaced") from None
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        write_manifest(
+            tmp,
             {
                 "kind": KIND,
                 "factory": manifest.get("factory") or _factory_string(index),
@@ -103,6 +158,7 @@ def save_index(index: faiss.Index, out_dir: Path, manifest: dict[str, Any]) -> N
                 "packages": package_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "index_sha256": file_fingerprint(tmp / INDEX_FILE),
+                **({"files_sha256": {name: file_fingerprint(tmp / name) for name in sorted(files)}} if files else {}),
                 **{k: v for k, v in manifest.items() if k != "factory"},
             },
         )
@@ -128,6 +184,12 @@ def load_index(
     expected = manifest.get("index_sha256")
     if expected is not None and file_fingerprint(path) != expected:
         raise ArtifactError(f"{path}: corrupt index (sha256 differs from the manifest)")
+    for name, digest in (manifest.get("files_sha256") or {}).items():
+        extra = index_dir / name
+        if not extra.is_file():
+            raise ArtifactError(f"{index_dir}: incomplete index (no {name})")
+        if file_fingerprint(extra) != digest:
+            raise ArtifactError(f"{extra}: corrupt index file (sha256 differs from the manifest)")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as err:
@@ -138,10 +200,9 @@ def load_index(
             raise ArtifactError(
                 f"{path}: index has {name}={value}, manifest says {manifest.get(name)}"
             )
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ArtifactError(
-            f"{path}: not an inner-product index (faiss metric {index.metric_type})"
-        )
+    reason = _unservable(index)
+    if reason is not None:
+        raise ArtifactError(f"{path}: the query path cannot use this index: {reason}")
     name, value = manifest.get("search_param"), manifest.get("search_value")
     if name is not None:  # the setting chosen by build-index --target-recall
         try:
@@ -170,6 +231,17 @@ def search_param_name(index: faiss.Index) -> str | None:
     if isinstance(_innermost(index), faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def pad_queries(queries: np.ndarray, d: int) -> np.ndarray:
+    """Queries (..., d') for an index of dimension d >= d': zeros appended. An index whose item
+    vectors carry extra trailing coordinates (an item prior: retrieval.channels) is then
+    searched by the plain inner product of the first d' coordinates."""
+    queries = np.asarray(queries)
+    extra = d - queries.shape[-1]
+    if extra <= 0:
+        return queries
+    return np.concatenate([queries, np.zeros((*queries.shape[:-1], extra), dtype=queries.dtype)], axis=-1)
 
 
 def search_interests(

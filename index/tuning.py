@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.faiss_index import search_param_name, search_top_n, set_search_param
+from index.faiss_index import pad_queries, search_param_name, search_top_n, set_search_param
 from retrieval.bundle import Bundle
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import held_out_users
@@ -207,6 +207,7 @@ def tune_on_validation(
         raise RetrievalError("no validation users to tune the index on (the split has none with a ground truth)")
     hist = Histories.of(bundle.dataset, users, ends)
     it = interest_vectors(bundle.model, bundle.dataset, hist)
-    tuning = tune_search_param(index, xb, it.vectors.numpy(), it.active.numpy(), n, target, exclude=history_rows(hist))
+    queries = pad_queries(it.vectors.numpy(), index.d)  # an index with a prior coordinate: MIND's part
+    tuning = tune_search_param(index, xb, queries, it.active.numpy(), n, target, exclude=history_rows(hist))
     tuning.part = "validation"
     return tuning

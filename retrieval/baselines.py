@@ -1,8 +1,8 @@
 """Classical retrieval baselines, run on the same split and users as MIND.
 
-- popularity: items ranked by how often the training users interacted with them;
+- popularity: items ranked by how often they occur in the training data;
 - item-based nearest neighbours: cosine similarity of items over the training users'
-  interaction sets; a user's score for an item is the sum of its similarities to the
+  interaction sets (training data only: the training period on the temporal split); a user's score for an item is the sum of its similarities to the
   user's last L history items.
 
 Both exclude the user's history, like the serving path.
@@ -13,15 +13,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval.data import Dataset, Split, item_counts
+from retrieval.data import Dataset, Split, training_counts
 
 
 def _train_matrix(ds: Dataset, split: Split) -> torch.Tensor:
-    """(U_train, N+1) sparse binary user-item matrix of the training users."""
+    """(U_train, N+1) sparse binary user-item matrix of the training data (each train user's
+    first history_len items: the whole sequence on the user split, the training period on
+    the temporal split)."""
     users = split.train_users
-    lengths = ds.lengths()[users]
+    lengths = split.history_len[users]
     rows = np.repeat(np.arange(len(users)), lengths)
-    cols = np.concatenate([ds.sequence(u) for u in users]).astype(np.int64)
+    cols = np.concatenate([ds.sequence(u)[:n] for u, n in zip(users, lengths)] + [np.zeros(0, np.int32)]).astype(np.int64)
     idx = torch.from_numpy(np.stack([rows, cols]))
     vals = torch.ones(len(rows), dtype=torch.float32)
     return torch.sparse_coo_tensor(idx, vals, (len(users), ds.n_items + 1), check_invariants=False).coalesce()
@@ -39,7 +41,7 @@ def _top_n_excluding(scores: torch.Tensor, ds: Dataset, users: np.ndarray, ends:
 
 def popularity(ds: Dataset, split: Split, users: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
     """(U, n) most popular items among training users, history excluded."""
-    counts = item_counts(ds, split.train_users).astype(np.float32)
+    counts = training_counts(ds, split).astype(np.float32)
     # ties broken by item index (stable): add a tiny decreasing ramp
     scores = torch.from_numpy(counts - np.arange(len(counts), dtype=np.float32) * 1e-7)
     return _top_n_excluding(scores.expand(len(users), -1), ds, users, ends, n)

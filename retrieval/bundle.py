@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from retrieval.artifacts import (
-    MANIFEST,
     atomic_dir,
     command_line,
     dir_fingerprint,
     package_versions,
     read_manifest,
+    write_manifest,
 )
-from retrieval.data import Dataset, Split, split_users
+from retrieval.data import Dataset, Split, make_split
+from retrieval.device import cpu_state
 from retrieval.errors import ArtifactError
 from retrieval.retrievers import DEFAULT, Retriever, retriever_classes
 
@@ -68,9 +69,9 @@ def save_bundle(
     out: Path, model: Retriever, ds: Dataset, split: Split, config: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write the bundle directory atomically; returns its manifest."""
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), KIND) as tmp:
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save(cpu_state(model), buf)  # CPU tensors whatever the model trained on: loads on any machine
         (tmp / "model.pt").write_bytes(buf.getvalue())
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         with open(tmp / "dataset.npz", "wb") as f:
@@ -84,10 +85,12 @@ def save_bundle(
             "versions": package_versions(),
             "data_fingerprint": ds.fingerprint,
             "split_seed": split.seed,
+            "split": split.kind,
+            **({"split_cut": split.cut} if split.cut is not None else {}),
             "bundle_fingerprint": dir_fingerprint(tmp),
             **(extra or {}),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = write_manifest(tmp, manifest)
     return manifest
 
 
@@ -127,7 +130,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
         reason = " ".join(str(err).split())  # load_state_dict's message spans several lines
         raise ArtifactError(f"{path}: bundle does not fit this version of the model ({reason})") from None
     model.eval()
-    split = split_users(ds, manifest["split_seed"])
+    split = make_split(ds, manifest.get("split", "user"), manifest["split_seed"])  # bundles before the temporal split: "user"
     return Bundle(model, ds, split, config, manifest, path)
 
 

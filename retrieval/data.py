@@ -4,6 +4,13 @@ Every retrieval and ranking figure rests on this module, so bad input stops here
 one line that names the file, the column and the bad value (`DataError`), and the
 split follows `shared/eval-protocol.md` exactly.
 
+Rows repeated exactly (same user, item and timestamp) are dropped, with one log line
+saying how many; the same item again at another time is a real repeat and is kept.
+Side files' ids are read with the log's id type: when the log's ids are integers, a
+side id `1.0` (or a float column of a Parquet file) is the item `1`; when most ids of a
+side file match nothing in the log, the file is refused (DataError) rather than every
+item losing its features.
+
 Encoding: items get indices 1..N in the sorted order of their raw ids (0 is padding);
 users get 0..U-1 likewise. Raw ids are kept as strings; when every id of a column is an
 integer the sort is numeric, so MovieLens ids sort as numbers and the protocol's
@@ -16,12 +23,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
 
 from retrieval.artifacts import file_fingerprint
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,12 @@ class DataSpec:
     item_features: tuple[str, ...] | None = None  # item feature columns; None = every other column
     user_features: tuple[str, ...] | None = None  # profile columns; None = every other column
     separator: str = "|"  # multi-valued features are joined by this (MovieLens genres)
+
+    def __post_init__(self) -> None:
+        for features, side, what in ((self.item_features, self.items, "item features {} need an items file (--items)"),
+                                     (self.user_features, self.users, "user features {} need a users file (--users)")):
+            if features and side is None:
+                raise ConfigError(what.format(",".join(features)))
 
 
 @dataclass
@@ -85,15 +99,28 @@ class Dataset:
             raise DataError(f"unknown user {raw_id!r}: not in the training log") from None
 
 
+SplitKind = Literal["user", "time"]
+SPLITS: tuple[str, ...] = ("user", "time")
+
+
 @dataclass
 class Split:
-    """The protocol's split by user; val/test users keep only their first 80 % as history."""
+    """Which part of each user's sequence is training data and which users are held out.
+
+    The user split (the protocol's default): train users give their whole sequence,
+    val/test users only their first 80 % as history. The temporal split: every user gives
+    the interactions before the cut time T as training data, and the users with
+    interactions on both sides of T are held out with that training period as history.
+    Either way the training data is the first history_len[u] items of each train user,
+    which is all that training, the negative sampler and the baselines read."""
 
     seed: int
-    train_users: np.ndarray  # (U_train,) int64 user indices
+    train_users: np.ndarray  # (U_train,) int64 user indices whose first history_len items are training data
     val_users: np.ndarray
     test_users: np.ndarray
     history_len: np.ndarray  # (U,) items of each user's sequence the model may see
+    kind: SplitKind = "user"  # "user" (by user) or "time" (before / after the cut T)
+    cut: float | None = None  # T of the temporal split: interactions at times < T are training data
 
     def users(self, part: str) -> np.ndarray:
         parts = {"train": self.train_users, "validation": self.val_users, "test": self.test_users}
@@ -276,17 +303,51 @@ def _first_error(lf: pl.LazyFrame, spec: DataSpec, path: Path, time_expr: pl.Exp
     raise DataError(f"{path}: column {t!r} has an out-of-range timestamp {value!r} at row {row}")
 
 
-def _read_side(path: Path, id_col: str, kind: str) -> pl.DataFrame:
+def _read_side(path: Path, id_col: str, kind: str, log_ids: pl.Series) -> pl.DataFrame:
+    """A side file with its ids in the log's form (`log_ids`: the log's distinct ids of that
+    column); DataError when most of its ids match nothing in the log."""
     lf = _scan(path, [id_col])
     _require_columns(lf, path, [id_col])
     df = _collect(lf, path)
     if df.height == 0:
         raise DataError(f"{path}: no {kind} (the file has a header but no rows)")
     df = _string_ids(df, id_col, path)
+    df = _as_log_ids(df, id_col, log_ids)
     dup = df.get_column(id_col).is_duplicated()
     if dup.any():
         raise DataError(f"{path}: column {id_col!r} repeats the id {df.get_column(id_col).filter(dup)[0]!r}")
+    unmatched = ~df.get_column(id_col).is_in(log_ids.implode())
+    n_unmatched = int(unmatched.sum())
+    if 2 * n_unmatched > df.height:
+        example = df.get_column(id_col).filter(unmatched)[0]
+        raise DataError(
+            f"{path}: {n_unmatched} of {df.height} ids in column {id_col!r} match no {kind[:-1]} of the interaction "
+            f"log (e.g. {example!r}); the ids must be the log's"
+        )
+    if n_unmatched:
+        fate = "indexed without any behaviour" if kind == "items" else "ignored"
+        log.warning("%d %s of %s are not in the interaction log; they are %s", n_unmatched, kind, path, fate)
     return df
+
+
+def _as_log_ids(df: pl.DataFrame, col: str, log_ids: pl.Series) -> pl.DataFrame:
+    """Rewrite a side file's id column (strings) in the log's id form. When every log id is an
+    integer, a side id that is an integral number ("1.0", "1e3", " 7") becomes the log's
+    spelling of that integer; anything else (an exact match, "1.5", a non-integer log) is
+    left as it is, to match as a string or not at all."""
+    if not _numeric_ids(log_ids):
+        return df
+    log_keys = log_ids.cast(pl.Int64, strict=False)
+    if log_keys.null_count():  # an id beyond int64: compare as strings
+        return df
+    spelled = pl.DataFrame({"_key": log_keys, "_log": log_ids}).filter(~pl.col("_key").is_duplicated())
+    f = pl.col(col).cast(pl.Float64, strict=False)
+    integral = f.is_finite() & (f == f.floor()) & (f.abs() < 2.0**53)
+    key = pl.coalesce(pl.col(col).cast(pl.Int64, strict=False), pl.when(integral).then(f.cast(pl.Int64)))
+    df = df.with_columns(key.alias("_key")).join(spelled, on="_key", how="left", maintain_order="left")
+    exact = pl.col(col).is_in(log_ids.implode())
+    new = pl.when(exact).then(pl.col(col)).otherwise(pl.coalesce("_log", pl.col("_key").cast(pl.String), pl.col(col)))
+    return df.with_columns(new.alias(col)).drop("_key", "_log")
 
 
 def _feature_columns(df: pl.DataFrame, path: Path, chosen: tuple[str, ...] | None, skip: set[str]) -> list[str]:
@@ -332,12 +393,12 @@ def load_dataset(spec: DataSpec, seconds: dict[str, float] | None = None) -> Dat
     clock = _Stages(seconds)
     inter = read_interactions(spec)
     clock.lap("read_validate")
-    items_df = _read_side(spec.items, spec.item_col, "items") if spec.items else None
-    users_df = _read_side(spec.users, spec.user_col, "users") if spec.users else None
+    raw_items = inter.get_column("item").unique()  # distinct first: no copy of the E-row column
+    items_df = _read_side(spec.items, spec.item_col, "items", raw_items) if spec.items else None
+    users_df = _read_side(spec.users, spec.user_col, "users", inter.get_column("user").unique()) if spec.users else None
     clock.lap("read_side_files")
 
     # Item vocabulary: every interacted item plus every item of the side file.
-    raw_items = inter.get_column("item").unique()  # distinct first: no copy of the E-row column
     if items_df is not None:
         raw_items = pl.concat([raw_items, items_df.get_column(spec.item_col)])
     item_vocab = _sorted_vocab(raw_items)
@@ -372,7 +433,9 @@ class _Stages:
 
 def encode_interactions(inter: pl.DataFrame, item_vocab: pl.Series, user_vocab: pl.Series) -> Dataset:
     """Encode validated interactions (user, item, time) into per-user CSR sequences sorted by
-    (time, item index): items get 1..N in vocabulary order, users 0..U-1.
+    (time, item index): items get 1..N in vocabulary order, users 0..U-1. Rows repeated
+    exactly (user, item and time) are dropped, and the count logged; an item repeated at
+    another time is a real repeat behaviour and is kept.
 
     Ids become indices by hash joins against the vocabularies, then one sort; memory stays
     a few columns of E rows (int32 ids, int64 times)."""
@@ -386,15 +449,26 @@ def encode_interactions(inter: pl.DataFrame, item_vocab: pl.Series, user_vocab: 
         .sort(["user_idx", "time", "item_idx"])
         .collect()
     )
-    counts = np.bincount(enc.get_column("user_idx").to_numpy(), minlength=len(user_vocab))
+    users = enc.get_column("user_idx").to_numpy()  # (E,) sorted, so exact repeats are neighbours
+    items = enc.get_column("item_idx").to_numpy().astype(np.int32)
+    times = enc.get_column("time").to_numpy().astype(np.int64)
+    del enc
+    repeat = np.zeros(len(users), dtype=bool)
+    repeat[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1]) & (times[1:] == times[:-1])
+    n_repeat = int(repeat.sum())
+    if n_repeat:
+        keep = ~repeat
+        users, items, times = users[keep], items[keep], times[keep]
+        log.info("dropped %d duplicate rows (same user, item and timestamp); repeats at other times are kept", n_repeat)
+    counts = np.bincount(users, minlength=len(user_vocab))
     offsets = np.zeros(len(user_vocab) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     return Dataset(
         item_ids=np.concatenate([[PAD], item_vocab.to_numpy()]).astype(str),
         user_ids=user_vocab.to_numpy().astype(str),
         offsets=offsets,
-        items=enc.get_column("item_idx").to_numpy().astype(np.int32),
-        times=enc.get_column("time").to_numpy().astype(np.int64),
+        items=items,
+        times=times,
     )
 
 
@@ -449,6 +523,9 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
     """Split users as the protocol says: 80/10/10 by a seeded permutation of sorted user ids;
     val/test users keep the first floor(0.8 n) items (at least 1) as history."""
     n = ds.n_users
+    if n < 10:
+        raise DataError(f"the log has {n} users; the protocol's 80/10/10 user split needs at least 10 "
+                        "(one validation and one test user)")
     order = np.random.default_rng(seed).permutation(n)  # same draw as permuting the sorted ids
     n_train, n_val = (8 * n) // 10, n // 10  # floor(0.8 n), floor(0.1 n) in exact integers
     train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
@@ -459,9 +536,77 @@ def split_users(ds: Dataset, seed: int = 2026) -> Split:
     return Split(seed, np.sort(train), np.sort(val), np.sort(test), history_len)
 
 
-def item_counts(ds: Dataset, users: np.ndarray) -> np.ndarray:
-    """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0)."""
-    chosen = np.zeros(ds.n_users, dtype=bool)
-    chosen[users] = True
-    in_users = np.repeat(chosen, ds.lengths())  # (E,) bool: one byte a row, not an int64 owner
-    return np.bincount(ds.items[in_users], minlength=ds.n_items + 1)
+def split_time(ds: Dataset, seed: int = 2026, quantile: float = 0.8) -> Split:
+    """The protocol's temporal split: T = the `quantile` of all timestamps; interactions before
+    T are the training period (every user's, as training data); the users with interactions
+    on both sides of T are held out, history = their training period, the first half of a
+    seeded permutation of them validating and the rest testing.
+
+    Sequences are sorted by time, so each user's training period is a prefix: history_len."""
+    if not 0.0 < quantile < 1.0:
+        raise DataError(f"the temporal split's quantile must lie in (0, 1), got {quantile}")
+    cut = float(np.quantile(ds.times, quantile))
+    owner = np.repeat(np.arange(ds.n_users), ds.lengths())  # (E,) user of each interaction
+    history_len = np.bincount(owner, weights=ds.times < cut, minlength=ds.n_users).astype(np.int64)  # (U,)
+    del owner
+    lengths = ds.lengths()
+    evaluated = np.flatnonzero((history_len > 0) & (history_len < lengths))  # sorted user indices
+    if len(evaluated) < 2:
+        raise DataError(f"the temporal split at T={cut:g} leaves {len(evaluated)} users with interactions "
+                        "on both sides of T; it needs at least 2 (one to validate, one to test)")
+    order = evaluated[np.random.default_rng(seed).permutation(len(evaluated))]
+    half = len(order) // 2
+    train = np.flatnonzero(history_len > 0)
+    return Split(seed, train, np.sort(order[:half]), np.sort(order[half:]), history_len, kind="time", cut=cut)
+
+
+def make_split(ds: Dataset, kind: str = "user", seed: int = 2026) -> Split:
+    """The split named `kind` ("user" or "time") with the given seed."""
+    if kind == "user":
+        return split_users(ds, seed)
+    if kind == "time":
+        return split_time(ds, seed)
+    raise DataError(f"unknown split {kind!r}; use one of {', '.join(SPLITS)}")
+
+
+def item_counts(ds: Dataset, users: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0);
+    with `ends` (U,) (e.g. a split's history_len), only in each user's first ends[u] items."""
+    if ends is None:
+        chosen = np.zeros(ds.n_users, dtype=bool)
+        chosen[users] = True
+        in_users = np.repeat(chosen, ds.lengths())  # (E,) bool: one byte a row, not an int64 owner
+        return np.bincount(ds.items[in_users], minlength=ds.n_items + 1)
+    lengths = ds.lengths()
+    if np.array_equal(ends[users], lengths[users]):  # whole sequences (the user split's train users)
+        return item_counts(ds, users)
+    take = np.zeros(ds.n_users, dtype=np.int64)
+    take[users] = ends[users]
+    # (E,) position of each interaction within its user's sequence, against that user's cut
+    pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)
+    return np.bincount(ds.items[pos < np.repeat(take, lengths)], minlength=ds.n_items + 1)
+
+
+def training_counts(ds: Dataset, split: Split) -> np.ndarray:
+    """(N+1,) how often each item occurs in the split's training data (train users' first
+    history_len items): what popularity, item-kNN and the negative sampler count."""
+    return item_counts(ds, split.train_users, split.history_len)
+
+
+def held_out_users(ds: Dataset, split: Split, part: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Users of `part` with a non-empty ground truth, their history ends, and their ground truths.
+
+    User split: the ground truth is the rest of the sequence after the history. Temporal
+    split: the evaluation-period items that are not in the history (a user with none left
+    has nothing to find and is not evaluated)."""
+    users = split.users(part)
+    users = users[split.history_len[users] < ds.lengths()[users]]
+    ends = split.history_len[users]
+    if split.kind == "time":
+        truth = [np.setdiff1d(ds.sequence(u)[e:], ds.sequence(u)[:e]) for u, e in zip(users, ends)]
+        keep = np.array([len(t) > 0 for t in truth], dtype=bool)
+        if not keep.all():
+            users, ends, truth = users[keep], ends[keep], [t for t, k in zip(truth, keep) if k]
+        return users, ends, truth
+    truth = [ds.sequence(u)[e:] for u, e in zip(users, ends)]
+    return users, ends, truth

@@ -11,3 +11,11 @@ class DataError(RetrievalError):
 
 class ArtifactError(RetrievalError):
     """A model bundle or index is missing, corrupt, or built from something else."""
+
+
+class ConfigError(RetrievalError, ValueError):
+    """A setting is out of range or inconsistent with another (checked before any work)."""
+
+
+class TrainingError(RetrievalError):
+    """Training could not produce a usable model (the loss diverged before any good epoch)."""

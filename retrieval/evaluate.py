@@ -1,52 +1,79 @@
 """Offline evaluation under `shared/eval-protocol.md`: MIND against its baselines on the same users.
 
-One report holds MIND (best-score merge, and the share merge beside it), MIND with one
-interest (K=1), item-based nearest neighbours and popularity, all on the same held-out
-users of the same split, with the fields the protocol asks for and throughput figures.
+One report holds MIND (best-score merge, and the share merge beside it), MIND with the item
+prior, the merged retriever (MIND + item-kNN + popularity), MIND with one interest (K=1),
+item-based nearest neighbours and popularity, all on the same held-out users of the same
+split (user or temporal), with the fields the protocol asks for, throughput figures,
+Recall@1..200 of every model (the pictures), figures by history length and the diagnostics
+of MIND's interests (retrieval/diagnostics.py). Every choice (merge, channel weights) is
+made on validation users.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from index.faiss_index import build_index
+from index.torch_search import TorchFlatIndex
 from retrieval.artifacts import package_versions
 from retrieval.baselines import item_knn, popularity
 from retrieval.bundle import Bundle
-from retrieval.data import Dataset, Split
+from retrieval.channels import CHANNELS, ChannelWeights, Channels, build_channels, prior_index, retrieve, tune_channels
+from retrieval.data import Dataset, Split, held_out_users  # noqa: F401  (held_out_users: imported from here by others)
 from retrieval.errors import ArtifactError
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.retrievers import Retriever
-from retrieval.recommend import recommend
+from retrieval.diagnostics import by_history_length, interest_diagnostics, shares, slot_hits
+from retrieval.recommend import interest_vectors, recommend
 from retrieval.samples import Histories
 
+REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
+CURVE_N = 200  # Recall@N is reported for N = 1..CURVE_N (the pictures)
+KNN_K = (50, 100, 200)  # neighbours per item in the merged retriever's item-kNN table: tried, chosen on validation
+HALFLIVES = (0.02, 0.1)  # temporal split: recency half-lives of the prior's frequency tried beside plain counts,
+# as fractions of the training period (a prior that follows what is popular now)
 
 
-def held_out_users(ds: Dataset, split: Split, part: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Users of `part` with a non-empty ground truth, their history ends, and their ground truths."""
-    users = split.users(part)
-    users = users[split.history_len[users] < ds.lengths()[users]]
-    ends = split.history_len[users]
-    truth = [ds.sequence(u)[e:] for u, e in zip(users, ends)]
-    return users, ends, truth
+def _ranked_figures(ranked: np.ndarray, truth: list[np.ndarray], ns: Sequence[int], lengths: np.ndarray,
+                    curve_n: int) -> tuple[dict[str, Any], list[float], dict[str, Any], np.ndarray]:
+    """Metrics at each N of `ns` (from the list's prefix), Recall@1..curve_n, figures by history
+    length at max(ns), and the (U, max(ns)) slot hits."""
+    ids = np.where(ranked > 0, ranked, -1)
+    figures = mean_metrics(topn_metrics(ids, truth, ns))
+    hits = slot_hits(ranked, truth)  # (U, n')
+    g = np.array([len(np.unique(t)) for t in truth], dtype=np.float64)
+    width = min(curve_n, ranked.shape[1])
+    curve = (np.cumsum(hits[:, :width], axis=1) / g[:, None]).mean(0) if len(truth) else np.zeros(width)
+    n = max(ns)
+    return figures, [round(float(x), 6) for x in curve], by_history_length(ranked, truth, lengths, n), hits[:, :n]
 
 
-def _score(name: str, run: Callable[[], np.ndarray], truth: list[np.ndarray], ns: Sequence[int]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ranked = run()
-    seconds = time.perf_counter() - t0
-    figures = mean_metrics(topn_metrics(np.where(ranked > 0, ranked, -1), truth, ns))
-    return {"model": name, **figures, "users": len(truth), "users_per_s": len(truth) / max(seconds, 1e-9)}
+def _training_span(ds: Dataset, split: Split) -> float:
+    """Length of the training period in timestamp units (last minus first training time)."""
+    lengths = split.history_len[split.train_users]
+    if not lengths.sum():
+        return 0.0
+    first = ds.times[ds.offsets[split.train_users][lengths > 0]]
+    last = ds.times[ds.offsets[split.train_users][lengths > 0] + lengths[lengths > 0] - 1]
+    return float(last.max() - first.min())
 
 
-def exact_index(model: Retriever) -> faiss.Index:
-    return build_index(model.item_vectors().detach().numpy().astype(np.float32), "Flat")
+def exact_index(model: Retriever) -> faiss.Index | TorchFlatIndex:
+    """Exact search over the model's item vectors: a flat FAISS index for a model on the CPU,
+    a TorchFlatIndex on the model's GPU for one there."""
+    with torch.no_grad():
+        vectors = model.item_vectors().detach()  # (N, D)
+    if vectors.device.type != "cpu":
+        return TorchFlatIndex(vectors)
+    return build_index(vectors.numpy().astype(np.float32), "Flat")
 
 
 def evaluate_models(
@@ -58,9 +85,23 @@ def evaluate_models(
     part: str = "test",
     ns: Sequence[int] = NS,
     max_len: int = 50,
+    channels: Channels | None = None,
+    knn_k: int | Sequence[int] = KNN_K,
+    curve_n: int = CURVE_N,
 ) -> dict[str, Any]:
-    """Metrics of every model on the held-out users of `part`, plus the merge chosen on validation."""
+    """Metrics of every model on the held-out users of `part`, choices made on validation users.
+
+    Models: MIND (best-score merge, and the share merge beside it), MIND with the item prior,
+    MIND with item-kNN (no prior; when the weights are chosen here), the merged retriever (MIND + item-kNN + popularity, retrieval/channels.py), MIND K=1 when
+    given, item-kNN and popularity. `channels` come with an index built with them (their
+    weights chosen on validation at build time); without, they are built from the training
+    data here (one per neighbour-table size in `knn_k`; on the temporal split also with
+    recency-weighted frequencies, HALFLIVES) and their weights, table size and half-life
+    chosen on validation users. Also: Recall@1..curve_n of every
+    model, figures by history length, and the diagnostics of MIND's interests and of the
+    merged retriever's channels."""
     n = max(ns)
+    deep = max(n, curve_n)
     users, ends, truth = held_out_users(ds, split, part)
     if len(users) == 0:
         raise ArtifactError(f"no {part} users with a ground truth to evaluate")
@@ -75,24 +116,79 @@ def evaluate_models(
             val[merge] = mean_metrics(topn_metrics(np.where(r > 0, r, -1), v_truth, (n,)))[f"recall@{n}"]
         chosen = max(val, key=lambda m: (val[m], m == "best"))
 
+    # The channels' weights are chosen on validation users only.
+    tuned = None
+    if channels is None:
+        best = None
+        sizes = [knn_k] if isinstance(knn_k, int) else list(knn_k)
+        # the table size, then (temporal split) the frequency's recency half-life, chosen on validation too
+        settings = [(k, None) for k in sizes]
+        for step in range(2 if split.kind == "time" else 1):
+            for k, halflife in settings:
+                ch = build_channels(ds, split, k=k, max_len=max_len, halflife=halflife)
+                ch_index = prior_index(mind, ch)
+                if not len(v_users):
+                    best = (None, ch, ch_index)
+                    break
+                t = tune_channels(mind, ds, split, ch_index, ch, n=n)
+                if best is None or t.best > best[0].best:
+                    best = (t, ch, ch_index)
+            period = _training_span(ds, split)
+            settings = [(best[1].neighbours.k, f * period) for f in HALFLIVES if period > 0]
+        tuned, channels, channel_index = best
+        if tuned is not None:
+            channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior
+    else:
+        channel_index = index
+    with_prior = dataclasses.replace(channels, weights=ChannelWeights(channels.prior_only, 0.0))
+    with_knn = dataclasses.replace(channels, weights=tuned.knn_only) if tuned is not None else None
+
     hist = Histories.of(ds, users, ends)
-    rows = [
-        _score("mind", lambda: recommend(mind, ds, index, hist, n, merge="best").items, truth, ns),
-        _score("mind_share_merge", lambda: recommend(mind, ds, index, hist, n, merge="share").items, truth, ns),
-    ]
-    rows[0]["merge"], rows[1]["merge"] = "best", "share"
+    lengths = ends.astype(np.int64)
+    runs: dict[str, Callable[[], Any]] = {
+        "mind": lambda: recommend(mind, ds, index, hist, deep, merge="best"),
+        "mind_share_merge": lambda: recommend(mind, ds, index, hist, n, merge="share"),
+        "mind_prior": lambda: retrieve(mind, ds, channel_index, hist, deep, channels=with_prior),
+    }
+    if with_knn is not None:  # the ablation without the prior (weights of an index's channels: only the merged ones)
+        runs["mind_knn"] = lambda: retrieve(mind, ds, channel_index, hist, deep, channels=with_knn)
+    runs["retriever"] = lambda: retrieve(mind, ds, channel_index, hist, deep, channels=channels)
     if mind_k1 is not None:
         k1_index = exact_index(mind_k1)
-        rows.append(_score("mind_k1", lambda: recommend(mind_k1, ds, k1_index, hist, n).items, truth, ns))
-    rows.append(_score("item_knn", lambda: item_knn(ds, split, users, ends, n, max_len=max_len), truth, ns))
-    rows.append(_score("popularity", lambda: popularity(ds, split, users, ends, n), truth, ns))
+        runs["mind_k1"] = lambda: recommend(mind_k1, ds, k1_index, hist, deep)
+    runs["item_knn"] = lambda: item_knn(ds, split, users, ends, deep, max_len=max_len)
+    runs["popularity"] = lambda: popularity(ds, split, users, ends, deep)
+
+    models, curves, by_length, diagnostics = {}, {}, {}, {}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+        ranked = out if isinstance(out, np.ndarray) else out.items
+        figures, curves[name], by_length[name], hits = _ranked_figures(ranked, truth, ns, lengths, curve_n)
+        models[name] = {**figures, "users": len(truth), "users_per_s": len(truth) / max(seconds, 1e-9)}
+        if name in ("mind", "mind_k1"):
+            model = mind if name == "mind" else mind_k1
+            diagnostics[name] = interest_diagnostics(interest_vectors(model, ds, hist), out.interest[:, :n], hits)
+        elif name == "retriever":
+            diagnostics[name] = {"per_channel": shares(out.channel[:, :n], hits, CHANNELS)}
+    models["mind"]["merge"], models["mind_share_merge"]["merge"] = "best", "share"
+    curves.pop("mind_share_merge")  # a share of n slots is not a prefix of a longer list
     return {
         "part": part,
+        "split": split.kind,
+        **({"split_cut": split.cut} if split.cut is not None else {}),
         "users": len(users),
         "N": list(ns),
         "merge_chosen_on_validation": chosen,
         f"validation_recall@{n}_by_merge": val,
-        "models": {r.pop("model"): r for r in rows},
+        "channels": {**channels.settings(),
+                     "weights_from": "validation users, here" if tuned else "the index (validation users, at build-index)",
+                     **({"validation_trials": tuned.trials, "objective": tuned.objective} if tuned else {})},
+        "models": models,
+        "diagnostics": diagnostics,
+        "by_history_length": by_length,
+        "recall_curve": curves,
     }
 
 
@@ -110,22 +206,25 @@ def bundle_summary(b: Bundle) -> dict[str, Any]:
     }
 
 
-def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | None, part: str) -> dict[str, Any]:
+def evaluate_bundles(bundle: Bundle, index: faiss.Index | None, k1: Bundle | None, part: str,
+                     channels: Channels | None = None) -> dict[str, Any]:
     """The report of `retrieve evaluate`: protocol fields, metrics and throughput."""
     if k1 is not None:
         if k1.manifest["data_fingerprint"] != bundle.manifest["data_fingerprint"]:
             raise ArtifactError(f"{k1.path}: the K=1 bundle was trained on other data than {bundle.path}")
-        if k1.split.seed != bundle.split.seed:
+        if (k1.split.kind, k1.split.seed) != (bundle.split.kind, bundle.split.seed):
             raise ArtifactError(
                 f"{k1.path}: the K=1 bundle uses split seed {k1.split.seed}, {bundle.path} uses {bundle.split.seed}"
+                if k1.split.kind == bundle.split.kind else
+                f"{k1.path}: the K=1 bundle uses the {k1.split.kind} split, {bundle.path} the {bundle.split.kind} split"
             )
     t0 = time.perf_counter()
     result = evaluate_models(
         bundle.dataset, bundle.split, bundle.model, index, k1.model if k1 else None, part,
-        max_len=bundle.config["model"]["max_len"],
+        max_len=bundle.config["model"]["max_len"], channels=channels,
     )
     return {
-        "kind": "retrieval-report",
+        "kind": REPORT_KIND,
         "dataset": bundle.config["data"]["interactions"],
         "data_fingerprint": bundle.manifest["data_fingerprint"],
         "split_seed": bundle.split.seed,
@@ -162,3 +261,32 @@ def _cell(row: dict[str, Any], col: str) -> str:
     if isinstance(v, dict):  # multi-seed: mean ± std
         return f"{v['mean']:.4f}±{v['std']:.4f}"
     return f"{v:.4f}"
+
+
+def format_diagnostics(report: dict[str, Any]) -> str:
+    """The diagnostics of a report as a few lines: interests, channels, history length."""
+    lines = []
+    n = max(report["N"])
+    for name, d in report.get("diagnostics", {}).items():
+        if "interest_collapse" in d:
+            shares_text = "  ".join(f"{k}: {v['slots']:.2f}/{v['hits']:.2f}" for k, v in d["per_interest"].items())
+            lines.append(f"{name}: interest collapse {d['interest_collapse']:.3f}  routing concentration "
+                         f"{d['routing_concentration']:.3f}  active interests {d['mean_active_interests']:.2f}  "
+                         f"slots/hits per interest {shares_text}")
+        if "per_channel" in d:
+            lines.append(f"{name}: slots/hits per channel " + "  ".join(
+                f"{k}: {v['slots']:.2f}/{v['hits']:.2f}" for k, v in d["per_channel"].items()))
+    ch = report.get("channels")
+    if ch:
+        lines.append(f"channels: prior weight {ch['weights']['prior']:.4g} (alone: {ch['prior_only']:.4g}), item-kNN "
+                     f"weight {ch['weights']['item_knn']:.3g}, k={ch['knn_k']}; from {ch['weights_from']}")
+    by_len = report.get("by_history_length", {})
+    if by_len:
+        buckets = list(next(iter(by_len.values())))
+        lines.append(f"recall@{n} / ndcg@{n} by history length: " + "   ".join(
+            f"{b} ({next(iter(by_len.values()))[b]['users']} users)" for b in buckets))
+        for name in ("mind", "mind_k1", "item_knn", "retriever"):
+            if name in by_len:
+                lines.append(f"  {name:<12}" + "   ".join(
+                    f"{by_len[name][b][f'recall@{n}']:.4f} / {by_len[name][b][f'ndcg@{n}']:.4f}" for b in buckets))
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ Shapes: B batch, L history length, K interests, D dimension, N items, S sampled 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrieval.errors import ConfigError
 from retrieval.layers import PooledEmbedding, encode_distinct, masked_softmax, mlp, squash
 
 UNIQUE_FROM = 1024  # item_embed encodes distinct ids once from this many ids on (a sort pays off)
@@ -253,6 +255,9 @@ def log_expected_counts(freq: Tensor, num_neg: int, alpha: float) -> tuple[Tenso
     w = (freq.to(torch.float64) + 1.0).pow(alpha)
     w[0] = 0.0
     q = w / w.sum()
+    if not math.isfinite(alpha) or not bool(torch.isfinite(q).all()):
+        raise ConfigError(f"negatives drawn with neg_alpha={alpha} have no usable distribution "
+                          "(the item weights overflow); use a value such as 0, 0.75 or 1")
     log_q = torch.log(q * num_neg).to(torch.float32)
     log_q[0] = 0.0
     return q.to(torch.float32), log_q

@@ -88,6 +88,19 @@ def index_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathF
     return out
 
 
+def assert_usage_error(result: Result, option: str, *fragments: str) -> None:
+    """Typer's own usage error (exit code 2, no traceback) for `option`, its text holding each
+    fragment (e.g. the choices it lists); the error box is unwrapped before matching."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    text = " ".join(result.stderr.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
+    assert f"Invalid value for '{option}'" in text, text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    assert result.stdout == ""
+
+
 def assert_clean_error(result: Result, message: str) -> None:
     """Exit code 2, exactly `error: message` as the one error line on stderr, no traceback."""
     assert result.exit_code == 2, result.output

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.artifacts import dir_fingerprint, package_versions
+from retrieval.artifacts import dir_fingerprint, package_versions, write_manifest
 from retrieval.bundle import Bundle, load_bundle, save_bundle
 from retrieval.errors import ArtifactError
 from retrieval.recommend import interest_vectors
@@ -40,7 +40,7 @@ def rewrite_config(path: Path, change) -> None:
     (path / "config.json").write_text(json.dumps(config))
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["bundle_fingerprint"] = dir_fingerprint(path)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(path, manifest)
 
 
 def test_manifest_fields(bundle: Bundle, bundle_k4: Path):
@@ -112,7 +112,7 @@ def test_missing_manifest(bundle_k4: Path, tmp_path: Path):
 def test_not_a_bundle(index_k4: Path):
     with pytest.raises(ArtifactError) as err:
         load_bundle(index_k4)
-    assert str(err.value) == f"{index_k4}: expected a mind-bundle, found a 'index'"
+    assert str(err.value) == f"{index_k4}: expected a mind-bundle, found an index"
 
 
 def test_incompatible_config_is_an_artifact_error(bundle_k4: Path, tmp_path: Path):

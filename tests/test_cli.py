@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, assert_usage_error
 
 from data.synthetic import SyntheticConfig, generate
 
 USER = "u00003"
 ITEM_ID = re.compile(r"^i\d{5}$")
-MODELS = ("mind", "mind_share_merge", "mind_k1", "item_knn", "popularity")
+MODELS = ("mind", "mind_share_merge", "mind_prior", "mind_knn", "retriever", "mind_k1", "item_knn", "popularity")
 
 
 
@@ -64,13 +64,13 @@ def test_generate_parquet_vectorised_writes_the_library_log(invoke, tmp_path):
             assert got.read_bytes() == path.read_bytes()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--format", "tsv", "--format must be csv or parquet, got 'tsv'"),
-    ("--method", "fast", "--method must be per_user or vectorised, got 'fast'"),
+@pytest.mark.parametrize("option, value, choices", [
+    ("--format", "tsv", "'csv', 'parquet'"),
+    ("--method", "fast", "'per_user', 'vectorised'"),
 ])
-def test_generate_rejects_an_unknown_format_or_method(invoke, tmp_path, option, value, message):
+def test_generate_rejects_an_unknown_format_or_method(invoke, tmp_path, option, value, choices):
     result = invoke("generate", "--out", tmp_path / "data", option, value)
-    assert_clean_error(result, message)
+    assert_usage_error(result, option, f"'{value}' is not one of {choices}")
     assert not (tmp_path / "data").exists()
 
 
@@ -313,10 +313,11 @@ def test_experiment_reports_mean_and_std_over_split_seeds(invoke, tiny_data, tmp
                     "--negatives", "32", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["split_seeds"] == [2026, 2027] and len(report["per_seed"]) == 2
+    assert report["split_seeds"] == [2026, 2027] and len(report["per_run"]) == 2 and report["train_seeds"] == [0]
+    assert [r["split_seed"] for r in report["per_run"]] == [2026, 2027] and report["complete"]
     assert set(report["models"]) == set(MODELS)
     for name, row in report["models"].items():
-        per_seed = [s["models"][name]["recall@50"] for s in report["per_seed"]]
+        per_seed = [s["models"][name]["recall@50"] for s in report["per_run"]]
         assert row["recall@50"]["mean"] == pytest.approx(sum(per_seed) / 2)
         assert row["recall@50"]["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
     assert report["training"]["mind"]["train_samples_per_s"]["mean"] > 0

@@ -318,7 +318,10 @@ def test_item_features_split_and_pool(side: dict[str, Path], caplog: pytest.LogC
     assert ds.item_features["year"][:, 0].tolist() == [0, 2, 1, 3, 1, 4]
     assert ds.titles is not None and ds.titles.tolist() == ["", "One", "Two", "Three", "", "Five"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"1 interacted items are not in {side['items']}; their features are 'unknown'"]
+    assert warnings == [
+        f"1 items of {side['items']} are not in the interaction log; they are indexed without any behaviour",
+        f"1 interacted items are not in {side['items']}; their features are 'unknown'",
+    ]
 
 
 def test_item_features_chosen(side: dict[str, Path]) -> None:
@@ -345,7 +348,84 @@ def test_user_profile_encoded(side: dict[str, Path], caplog: pytest.LogCaptureFi
     assert ds.user_feature_vocab["age"] == [PAD, UNKNOWN, "20", "30"]  # 40 belonged to user 9 only
     assert ds.user_features["age"].tolist() == [[2], [3], [1]]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"1 users are not in {side['users']}; their profile is 'unknown'"]
+    assert warnings == [
+        f"1 users of {side['users']} are not in the interaction log; they are ignored",
+        f"1 users are not in {side['users']}; their profile is 'unknown'",
+    ]
+
+
+# ---------------------------------------------------------------------------- side-file ids
+
+
+def _int_log(tmp_path: Path) -> Path:
+    """Users 1..3 and items 1..4, integer ids."""
+    return write(frame([(1, 1, 1), (1, 2, 2), (2, 3, 3), (2, 4, 4), (3, 1, 5)]), tmp_path / "log.csv")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_side_ids_are_read_with_the_log_id_type(tmp_path: Path, suffix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Float ids (`1.0` in a CSV, a float column in Parquet) are the log's integer items and users."""
+    items = write(pl.DataFrame({"item_id": [4.0, 1.0, 2.0, 3.0], "genre": ["d", "a", "b", "c"]}), tmp_path / f"items{suffix}")
+    users = write(pl.DataFrame({"user_id": [3.0, 1.0, 2.0], "age": [30, 10, 20]}), tmp_path / f"users{suffix}")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data"):
+        ds = load_dataset(DataSpec(_int_log(tmp_path), items=items, users=users))
+    assert ds.item_ids.tolist() == [PAD, "1", "2", "3", "4"]  # the catalogue does not double
+    vocab = ds.item_feature_vocab["genre"]
+    assert [vocab[v] for v in ds.item_features["genre"][1:, 0]] == ["a", "b", "c", "d"]
+    assert [ds.user_feature_vocab["age"][v] for v in ds.user_features["age"][:, 0]] == ["10", "20", "30"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_side_ids_keep_the_log_spelling_and_only_integral_values_match(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    schema = {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64}
+    log_path = write(frame([("1", "007", 1), ("1", "12", 2), ("2", "3", 3)], schema=schema), tmp_path / "log.csv")
+    items = write(pl.DataFrame({"item_id": ["7.0", "12", "3e0", "3.5"], "genre": ["a", "b", "c", "z"]}),
+                  tmp_path / "items.csv")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data"):
+        ds = load_dataset(DataSpec(log_path, items=items))
+    # 7.0 is the log's 007 and 3e0 its 3; 3.5 is no item of the log, so a new one (and the ids no
+    # longer all integers, they sort as strings)
+    assert ds.item_ids.tolist() == [PAD, "007", "12", "3", "3.5"]
+    vocab = ds.item_feature_vocab["genre"]
+    assert [vocab[v] for v in ds.item_features["genre"][1:, 0]] == ["a", "b", "c", "z"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"1 items of {items} are not in the interaction log; they are indexed without any behaviour"
+    ]
+
+
+def test_a_side_file_of_mostly_other_ids_is_refused(tmp_path: Path) -> None:
+    items = write(pl.DataFrame({"item_id": ["1.5", "2.5", "3", "x"]}), tmp_path / "items.csv")
+    assert error(DataSpec(_int_log(tmp_path), items=items)) == (
+        f"{items}: 3 of 4 ids in column 'item_id' match no item of the interaction log (e.g. '1.5'); "
+        "the ids must be the log's"
+    )
+    users = write(pl.DataFrame({"user_id": ["u1", "u2", "3"]}), tmp_path / "users.csv")
+    assert error(DataSpec(_int_log(tmp_path), users=users)) == (
+        f"{users}: 2 of 3 ids in column 'user_id' match no user of the interaction log (e.g. 'u1'); "
+        "the ids must be the log's"
+    )
+
+
+def test_float_ids_that_collide_are_a_repeated_id(tmp_path: Path) -> None:
+    items = write(pl.DataFrame({"item_id": ["1", "1.0", "2"]}), tmp_path / "items.csv")
+    assert error(DataSpec(_int_log(tmp_path), items=items)) == f"{items}: column 'item_id' repeats the id '1'"
+
+
+def test_features_without_their_side_file_are_a_config_error(tmp_path: Path) -> None:
+    from retrieval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^user features age,gender need a users file \(--users\)$"):
+        DataSpec(tmp_path / "log.csv", user_features=("age", "gender"))
+    with pytest.raises(ConfigError, match=r"^item features genre need an items file \(--items\)$"):
+        DataSpec(tmp_path / "log.csv", item_features=("genre",))
+
+
+def test_split_needs_ten_users(tmp_path: Path) -> None:
+    rows = [(u, 10 + u, 100 + u) for u in range(1, 10)]
+    ds = load_dataset(DataSpec(write(frame(rows), tmp_path / "log.csv")))
+    with pytest.raises(DataError, match="^the log has 9 users; the protocol's 80/10/10 user split needs at least 10"):
+        split_users(ds)
 
 
 # ---------------------------------------------------------------------------- split
@@ -406,7 +486,8 @@ def test_split_history_lengths_worked_by_hand(tmp_path: Path) -> None:
 
 
 def test_split_unknown_part(tmp_path: Path) -> None:
-    split = split_users(load_dataset(DataSpec(write(frame(GOOD), tmp_path / "log.csv"))))
+    rows = [(u, 10 + u, 100 + u) for u in range(1, 11)]  # ten users: the fewest the split takes
+    split = split_users(load_dataset(DataSpec(write(frame(rows), tmp_path / "log.csv"))))
     with pytest.raises(DataError) as info:
         split.users("val")
     assert str(info.value) == "unknown split part 'val'; use one of train, validation, test"

@@ -16,6 +16,7 @@ from index.faiss_index import (
     search_top_n,
     set_search_param,
 )
+from retrieval.artifacts import write_manifest
 from retrieval.errors import ArtifactError, RetrievalError
 
 NEG = -np.inf
@@ -364,7 +365,7 @@ def test_load_rejects_other_bundle_missing_and_corrupt(tmp_path, data):
     manifest_path = tmp_path / "idx" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["index_sha256"]  # no checksum to catch it: faiss itself refuses the bytes
-    manifest_path.write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "idx", manifest)
     with pytest.raises(ArtifactError, match="unreadable faiss index"):
         load_index(tmp_path / "idx")
     with pytest.raises(ArtifactError, match=r"\(index: none, bundle: fedcba098765\)"):
@@ -382,7 +383,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, data):
         raise OSError("disk full")
 
     monkeypatch.setattr(faiss, "write_index", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ArtifactError, match=r"idx: writing failed \(disk full\); nothing was replaced$"):
         save_index(index, tmp_path / "idx", {})
     assert list(tmp_path.iterdir()) == []
 
@@ -395,7 +396,7 @@ def test_save_over_an_existing_index_keeps_it_on_failure(tmp_path, monkeypatch, 
         raise OSError("disk full")
 
     monkeypatch.setattr(faiss, "write_index", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ArtifactError, match=r"idx: writing failed \(disk full\); nothing was replaced$"):
         save_index(new, tmp_path / "idx", {"bundle_fingerprint": "new"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
     assert load_index(tmp_path / "idx", bundle_fingerprint="old")[0].ntotal == 300

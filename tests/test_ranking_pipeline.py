@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, assert_usage_error
 import torch
 
 from retrieval.bundle import load_bundle
@@ -716,7 +716,7 @@ def test_train_ranker_mixed_negatives_two_stage_monitor_and_fusion(invoke, bundl
 
 def test_query_rank_serves_the_fused_order(invoke, bundle_k4, index_k4, ranker_din, small, tmp_path):
     """A ranker whose retrieval weight is 2: query --rank orders by logit + 2 × standardised retrieval score."""
-    from retrieval.artifacts import dir_fingerprint
+    from retrieval.artifacts import MANIFEST_CHECKSUM, dir_fingerprint, write_manifest
     from retrieval.ranking.scoring import fuse
 
     fused = tmp_path / "fused"
@@ -725,8 +725,9 @@ def test_query_rank_serves_the_fused_order(invoke, bundle_k4, index_k4, ranker_d
     config["model"]["retrieval_weight"] = 2.0
     (fused / "config.json").write_text(json.dumps(config))
     manifest = json.loads((fused / "manifest.json").read_text())
+    manifest.pop(MANIFEST_CHECKSUM)
     manifest["bundle_fingerprint"] = dir_fingerprint(fused)
-    (fused / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(fused, manifest)  # resealed: the edit is this test's, not a corruption
     ds = small.dataset
     retrieved = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30")["items"]
     ranked = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30", "--rank", fused,
@@ -746,9 +747,9 @@ def test_query_rank_serves_the_fused_order(invoke, bundle_k4, index_k4, ranker_d
 
 def test_train_ranker_rejects_an_unknown_model_or_negative_source(invoke, bundle_k4, tmp_path):
     result = invoke("train-ranker", "--bundle", bundle_k4, "--out", tmp_path / "r", "--model", "xgboost")
-    assert_clean_error(result, "--model must be one of base, din, dmin, dien, dsin, got 'xgboost'")
+    assert_usage_error(result, "--model", "'xgboost' is not one of 'base', 'din', 'dmin', 'dien', 'dsin'")
     result = invoke("train-ranker", "--bundle", bundle_k4, "--out", tmp_path / "r", "--negative-source", "popular")
-    assert_clean_error(result, "--negative-source must be uniform or retrieval, got 'popular'")
+    assert_usage_error(result, "--negative-source", "'popular' is not one of 'uniform', 'retrieval'")
     assert not (tmp_path / "r").exists()
 
 
@@ -797,7 +798,7 @@ def test_tampered_ranker_bundle(invoke, bundle_k4, index_k4, ranker_din, tmp_pat
 
 def test_ranker_bundle_that_is_not_one(invoke, bundle_k4, index_k4, tmp_path):
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bundle_k4)
-    assert_clean_error(result, f"{bundle_k4}: expected a ranker-bundle, found a 'mind-bundle'")
+    assert_clean_error(result, f"{bundle_k4}: expected a ranker-bundle, found a mind-bundle")
     missing = tmp_path / "nothing"
     result = invoke("evaluate", "--bundle", bundle_k4, "--ranker", missing)
     assert_clean_error(result, f"{missing}: not a ranker-bundle (no manifest.json)")
@@ -805,7 +806,7 @@ def test_ranker_bundle_that_is_not_one(invoke, bundle_k4, index_k4, tmp_path):
 
 def test_ranker_bundle_with_a_consistent_but_wrong_config(invoke, bundle_k4, index_k4, ranker_din, tmp_path):
     """Edited and re-fingerprinted (so not caught as tampering): the weights no longer fit."""
-    from retrieval.artifacts import dir_fingerprint
+    from retrieval.artifacts import dir_fingerprint, write_manifest
 
     bad = tmp_path / "resized"
     shutil.copytree(ranker_din, bad)
@@ -814,7 +815,7 @@ def test_ranker_bundle_with_a_consistent_but_wrong_config(invoke, bundle_k4, ind
     (bad / "config.json").write_text(json.dumps(config))
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["bundle_fingerprint"] = dir_fingerprint(bad)
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bad, manifest)
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bad)
     assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

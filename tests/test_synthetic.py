@@ -14,6 +14,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from data.synthetic import SESSION_GAP_MIN_S, WITHIN_GAP_S, SyntheticConfig, generate
+from retrieval.artifacts import read_manifest
 
 SMALL = SyntheticConfig(n_users=200, n_items=500, n_topics=20, max_len=80, mean_len=40.0, seed=1)
 # The vectorised method needs a topic to hold a whole timeline: 100 items per topic >= max_len.
@@ -52,10 +53,13 @@ def _bytes(paths: dict[str, Path]) -> dict[str, bytes]:
     return {name: paths[name].read_bytes() for name in FILES}
 
 
-def test_writes_the_four_files_and_nothing_else(small: dict[str, Path]) -> None:
+def test_writes_the_four_files_and_a_manifest(small: dict[str, Path]) -> None:
     assert set(small) == set(FILES)
     out_dir = small["interactions"].parent
-    assert sorted(p.name for p in out_dir.iterdir()) == ["interactions.csv", "items.csv", "planted.json", "users.csv"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "interactions.csv", "items.csv", "manifest.json", "planted.json", "users.csv"
+    ]
+    assert read_manifest(out_dir, "synthetic-data")["files"]["interactions"] == "interactions.csv"
     assert small["interactions"].read_text().splitlines()[0] == "user_id,item_id,timestamp"
     assert small["items"].read_text().splitlines()[0] == "item_id,title,category"
     assert small["users"].read_text().splitlines()[0] == "user_id,age,gender"
@@ -183,7 +187,7 @@ def test_parquet_holds_what_csv_holds(tmp_path: Path) -> None:
     csv = generate(tmp_path / "csv", VECTORISED)
     parquet = generate(tmp_path / "parquet", VECTORISED, fmt="parquet")
     assert sorted(p.name for p in (tmp_path / "parquet").iterdir()) == [
-        "interactions.parquet", "items.parquet", "planted.json", "users.parquet"
+        "interactions.parquet", "items.parquet", "manifest.json", "planted.json", "users.parquet"
     ]
     for name in ("interactions", "items", "users"):
         assert_frame_equal(pl.read_parquet(parquet[name]), pl.read_csv(csv[name]))

@@ -17,8 +17,16 @@ from typing import Any
 
 import torch
 
-from retrieval.artifacts import MANIFEST, atomic_dir, command_line, dir_fingerprint, package_versions, read_manifest
+from retrieval.artifacts import (
+    atomic_dir,
+    command_line,
+    dir_fingerprint,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
 from retrieval.bundle import Bundle
+from retrieval.device import cpu_state
 from retrieval.errors import ArtifactError
 from retrieval.ranking.models import Ranker, make_ranker, ranker_config
 
@@ -36,9 +44,9 @@ class RankerBundle:
 
 def save_ranker(out: Path, model: Ranker, name: str, train_config: Any, retrieval: Bundle,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), KIND) as tmp:
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save(cpu_state(model), buf)  # CPU tensors whatever the model trained on
         (tmp / "model.pt").write_bytes(buf.getvalue())
         config = {"name": name, "model": dataclasses.asdict(model.config), "train": dataclasses.asdict(train_config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -54,7 +62,7 @@ def save_ranker(out: Path, model: Ranker, name: str, train_config: Any, retrieva
             "bundle_fingerprint": dir_fingerprint(tmp),
             **(extra or {}),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = write_manifest(tmp, manifest)
     return manifest
 
 

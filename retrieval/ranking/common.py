@@ -143,10 +143,11 @@ class ProfileEncoder(nn.Module):
         super().__init__()
         self.fields = nn.ModuleDict({f: PooledEmbedding(n, config.dim) for f, n in config.user_feature_sizes.items()})
         self.out_dim = config.dim * len(config.user_feature_sizes)
+        self.register_buffer("device_anchor", torch.zeros(0), persistent=False)  # follows .to(): where (B, 0) goes
 
     def forward(self, user_features: dict[str, Tensor], batch: int) -> Tensor:
         if not self.fields:
-            return torch.zeros(batch, 0)
+            return self.device_anchor.new_zeros(batch, 0)
         return torch.cat([m(user_features[f]) for f, m in self.fields.items()], dim=-1)
 
 

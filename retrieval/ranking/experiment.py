@@ -27,6 +27,9 @@ import torch
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
+from retrieval.device import Runtime
+from retrieval.distributed import current, from_main
+from retrieval.errors import ConfigError
 from retrieval.evaluate import exact_index
 from retrieval.experiment import mean_std
 from retrieval.ranking.evaluate import evaluate_ranker
@@ -36,6 +39,8 @@ from retrieval.ranking.train import MONITORS, RankTrainConfig, RetrievalCandidat
 from retrieval.train import TrainConfig, model_config_for, train
 
 log = logging.getLogger(__name__)
+
+KIND = "ranker-experiment"  # the "kind" of the JSON report `retrieve experiment-rankers --out` writes
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(RankTrainConfig)} - {"model", "settings"}
@@ -48,18 +53,18 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     name, _, rest = text.partition(":")
     name = name.strip()
     if name not in NAMES:
-        raise ValueError(f"unknown ranker {name!r} in {text!r}; use one of {', '.join(NAMES)}")
+        raise ConfigError(f"unknown ranker {name!r} in {text!r}; use one of {', '.join(NAMES)}")
     settings: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
         if not eq:
-            raise ValueError(f"bad ranker setting {part!r} in {text!r}; write key=value")
+            raise ConfigError(f"bad ranker setting {part!r} in {text!r}; write key=value")
         settings[key.strip()] = _value(value.strip())
     if settings.get("negative_source", "uniform") not in ("uniform", "retrieval"):
-        raise ValueError(f"bad ranker setting negative_source={settings['negative_source']!r} in {text!r}; "
+        raise ConfigError(f"bad ranker setting negative_source={settings['negative_source']!r} in {text!r}; "
                          "use uniform or retrieval")
     if settings.get("monitor", "auc") not in MONITORS:
-        raise ValueError(f"bad ranker setting monitor={settings['monitor']!r} in {text!r}; use {', '.join(MONITORS)}")
+        raise ConfigError(f"bad ranker setting monitor={settings['monitor']!r} in {text!r}; use {', '.join(MONITORS)}")
     return text.strip(), name, settings
 
 
@@ -98,13 +103,14 @@ def run_seed(
     m: int = 200,
     threads: int = 0,
     latency_requests: int = 200,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """One split seed: train MIND, then every variant; -> {"split_seed", "retrieval", "rankers": label -> figures}."""
     if threads:
         torch.set_num_threads(threads)
     split = split_users(ds, seed)
     tc = dataclasses.replace(retrieval_train, split_seed=seed)
-    run = train(ds, split, model_config_for(ds, **retrieval_settings), tc, show_progress=False)
+    run = train(ds, split, model_config_for(ds, **retrieval_settings), tc, show_progress=False, runtime=runtime)
     mind = run.model
     index = exact_index(mind)
     candidates: dict[int, RetrievalCandidates] = {}  # by M, computed once per seed
@@ -116,8 +122,9 @@ def run_seed(
             if cfg.retrieval_m not in candidates:
                 candidates[cfg.retrieval_m] = retrieval_candidates(mind, ds, split, cfg.retrieval_m)
             rc = candidates[cfg.retrieval_m]
-        r = train_ranker(ds, split, cfg, retrieval=rc, show_progress=False)
-        ev = evaluate_ranker(r.model, ds, split, mind, index, part, m, latency_users=latency_requests)
+        r = train_ranker(ds, split, cfg, retrieval=rc, show_progress=False, runtime=runtime)
+        ev = from_main(lambda: evaluate_ranker(r.model, ds, split, mind, index, part, m, latency_users=latency_requests),
+                       current())
         rows[label] = {
             "auc": ev["standalone"]["auc"],
             "gauc": ev["standalone"]["gauc"],
@@ -157,6 +164,7 @@ def run_ranker_experiment(
     m: int = 200,
     jobs: int = 1,
     on_seed: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Every variant on every split seed. `jobs` > 1 runs that many seeds side by side in
     spawned processes, one torch thread each (the figures do not depend on it; the timings
@@ -165,6 +173,8 @@ def run_ranker_experiment(
     t0 = time.perf_counter()
     per_seed: list[dict[str, Any]] = []
     args = (variants, retrieval_settings, retrieval_train, rank_train, part, m)
+    if jobs > 1 and current().parallel:
+        raise ConfigError("--jobs runs seeds in separate processes; under torchrun the processes already share each run")
 
     def report(seconds: float) -> dict[str, Any]:
         return _report(ds, spec, seeds, labels, per_seed, retrieval_settings, retrieval_train, rank_train,
@@ -178,10 +188,10 @@ def run_ranker_experiment(
 
     if jobs <= 1:
         for seed in seeds:
-            done(run_seed(ds, seed, *args))
+            done(run_seed(ds, seed, *args, runtime=runtime))
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_seed, ds, seed, *args, threads=1) for seed in seeds]
+            futures = [pool.submit(run_seed, ds, seed, *args, threads=1, runtime=runtime) for seed in seeds]
             for f in as_completed(futures):
                 done(f.result())
     return report(time.perf_counter() - t0)
@@ -198,7 +208,7 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
                                                               for r in runs)
         rankers[label]["best_epochs"] = [r["best_epoch"] for r in runs]
     return {
-        "kind": "ranker-experiment",
+        "kind": KIND,
         "complete": len(per_seed) == len(seeds),
         "dataset": str(spec.interactions),
         "data_fingerprint": ds.fingerprint,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset
+from retrieval.device import model_device, to_device
 from retrieval.metrics import auc, gauc, log_loss
 from retrieval.ranking.data import PairSet, make_rank_batch
 from retrieval.ranking.models import Ranker, needs
@@ -41,6 +42,7 @@ def score_pairs(
     if model.training:  # eval() walks every module: not on every request
         model.eval()
     spec = needs(model)
+    device = model_device(model)
     out = []
     for i in range(0, len(pairs), batch_size):
         p = pairs.take(np.arange(i, min(i + batch_size, len(pairs))))
@@ -48,7 +50,7 @@ def score_pairs(
         _, first, rows = np.unique(key, return_index=True, return_inverse=True)
         b = make_rank_batch(ds, None, p.users[first], p.ends[first], p.candidates, None, spec.max_len,
                             sessions=spec.sessions, seqs=seqs, rows=rows.reshape(-1))
-        out.append(model.score(b).numpy())
+        out.append(model.score(to_device(b, device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

@@ -14,6 +14,10 @@ negative comes from the top-M with probability `hard_share`.
 After training, with the retrieval stage given and `fuse` on, the weight w of the fused
 order logit + w × standardised retrieval score (`scoring.fuse`) is chosen on the validation
 users' two-stage NDCG@20 (w = 0 keeps the ranker's own order).
+
+On the device of a `Runtime`, and data-parallel under torchrun like MIND's loop: every rank
+draws the same epoch rows and order, takes its share of each step's groups and steps
+through `retrieval.train.backward_step`; rank 0 validates.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset, Split
+from retrieval.device import Runtime, compile_loss, to_device
+from retrieval.distributed import GradientSync, average_batch_norm, broadcast_state, check_in_sync, current, from_main, rank_seed, share
 from retrieval.early_stopping import EarlyStopping
 from retrieval.errors import DataError
 from retrieval.metrics import mean_metrics, topn_metrics
@@ -36,7 +42,7 @@ from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, proto
 from retrieval.ranking.models import Ranker, build_ranker, needs
 from retrieval.ranking.scoring import fuse, pair_metrics, score_candidates
 from retrieval.samples import Histories, training_positions
-from retrieval.train import seeded
+from retrieval.train import Diverged, LossGuard, backward_step, check_finite_weights, seeded, stop_on_divergence
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,7 @@ class RankTrainResult:
     samples_per_s: float
     best: dict[str, float] = field(default_factory=dict)  # every validation figure at the best epoch
     fusion: dict[str, Any] = field(default_factory=dict)  # validation NDCG@20 per weight and the chosen one
+    diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
 
 
 def retrieval_candidates(retriever: Any, ds: Dataset, split: Split, m: int) -> RetrievalCandidates:
@@ -238,17 +245,31 @@ def train_ranker(
     retrieval: RetrievalCandidates | None = None,
     on_improve: Callable[[Ranker, list[dict[str, Any]]], None] | None = None,
     show_progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> RankTrainResult:
     """Train the configured ranker to convergence on the validation figure `config.monitor`;
-    `on_improve(model, history)` runs whenever it improves. `retrieval` is needed for hard
-    negatives, the two-stage monitor and fusion (`config.needs_retrieval`)."""
+    `on_improve(model, history)` runs whenever it improves (on rank 0 only, with several
+    processes). `retrieval` is needed for hard negatives, the two-stage monitor and fusion
+    (`config.needs_retrieval`)."""
     if retrieval is None and (config.share > 0 or config.monitor == "ndcg@20"):
         raise DataError("hard negatives and the two-stage monitor need the retrieval stage's candidates")
+    runtime, group = runtime or Runtime(), current()
     rng = seeded(config.seed, config.threads)
     model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
                          **config.settings)
+    model.to(runtime.device)
     spec = needs(model)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True) if runtime.cuda else torch.optim.Adam(
+        model.parameters(), lr=config.lr)
+    sync, batch_rng = None, rng  # in-batch draws (negative histories): one stream in one process
+    if group.parallel:  # epoch rows and order from the shared rng; each rank's in-batch draws its own
+        broadcast_state(model, group)
+        sync, batch_rng = GradientSync(model, group), np.random.default_rng([config.seed, group.rank])
+        if group.rank:
+            torch.manual_seed(rank_seed(config.seed, group.rank))
+    if runtime.compile:
+        compile_loss(model)
+    show_progress = show_progress and group.main
     touched = TouchedItems(ds)
     val_pairs = protocol_pairs(ds, split, "validation")
     if len(val_pairs) == 0:
@@ -256,44 +277,62 @@ def train_ranker(
 
     history: list[dict[str, Any]] = []
     stopper = EarlyStopping(config.patience)
-    total_rows, total_time = 0, 0.0
+    total_rows, total_time, diverged, guard = 0, 0.0, None, LossGuard()
     for epoch in range(1, config.epochs + 1):
         rows = training_pairs(ds, split, touched, config.negatives, rng,
                               retrieval.hard if retrieval is not None else None, config.share, config.horizon)
         steps = list(step_groups(rows, config.negatives, config.batch_size, rng))
         model.train()
         t0, loss_sum, done = time.perf_counter(), 0.0, 0
-        with progress_bar(f"{config.model} epoch {epoch}", len(steps), enabled=show_progress) as bar:
-            for s, (idx, hist_rows) in enumerate(steps):
-                p = rows.take(idx)
-                first = idx[: hist_rows.max() + 1]  # each group's positive: its history's user and end
-                b = make_rank_batch(ds, touched, rows.users[first], rows.ends[first], p.candidates, p.labels,
-                                    spec.max_len, rng, neg_history=spec.neg_history, sessions=spec.sessions,
-                                    rows=hist_rows)
-                loss = model.loss(b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item()
-                done += len(idx)
-                bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
+        try:
+            with progress_bar(f"{config.model} epoch {epoch}", len(steps), enabled=show_progress) as bar:
+                for s, (idx, hist_rows) in enumerate(steps):
+                    weight = 1.0
+                    if group.parallel:  # this rank's share of the step's groups (a positive and its negatives)
+                        groups = int(hist_rows.max()) + 1
+                        a, b_ = share(groups, group)
+                        keep = (hist_rows >= a) & (hist_rows < b_)
+                        idx, hist_rows, weight = idx[keep], hist_rows[keep] - a, (b_ - a) / groups
+                    loss = None
+                    if len(idx):
+                        p = rows.take(idx)
+                        first = idx[: hist_rows.max() + 1]  # each group's positive: its history's user and end
+                        b = make_rank_batch(ds, touched, rows.users[first], rows.ends[first], p.candidates, p.labels,
+                                            spec.max_len, batch_rng, neg_history=spec.neg_history,
+                                            sessions=spec.sessions, rows=hist_rows)
+                        with runtime.autocast():
+                            loss = model.loss(to_device(b, runtime.device))
+                    loss_sum += guard.check(backward_step(loss, [opt], sync, weight, runtime.device), s + 1)
+                    done += len(idx)
+                    bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
+                check_finite_weights(model, len(steps))
+        except Diverged as err:
+            diverged = stop_on_divergence(err, epoch, stopper.best_epoch)
+            break
         seconds = time.perf_counter() - t0
         total_rows, total_time = total_rows + len(rows), total_time + seconds
+        average_batch_norm(model, group)
+        check_in_sync(model, group)
         t1 = time.perf_counter()
-        val = pair_metrics(model, ds, val_pairs)
-        entry = {"epoch": epoch, "loss": loss_sum / len(steps), "val_auc": val["auc"], "val_gauc": val["gauc"],
-                 "val_log_loss": val["log_loss"]}
-        if retrieval is not None:
-            entry["val_ndcg@20"] = two_stage_ndcg(model, ds, retrieval)[0.0]
+
+        def validate() -> dict[str, float]:
+            val = pair_metrics(model, ds, val_pairs)
+            out = {"val_auc": val["auc"], "val_gauc": val["gauc"], "val_log_loss": val["log_loss"]}
+            if retrieval is not None:
+                out["val_ndcg@20"] = two_stage_ndcg(model, ds, retrieval)[0.0]
+            return out
+
+        val = from_main(validate, group)
+        entry = {"epoch": epoch, "loss": loss_sum / len(steps), **val}
         entry.update({"samples_per_s": len(rows) / seconds, "seconds": seconds,
                       "validation_seconds": time.perf_counter() - t1})
         history.append(entry)
         log.info("%s epoch %d  loss %.4f  val auc %.4f  gauc %.4f  log loss %.4f%s  %.0f samples/s  %.1fs",
-                 config.model, epoch, entry["loss"], val["auc"], val["gauc"], val["log_loss"],
+                 config.model, epoch, entry["loss"], val["val_auc"], val["val_gauc"], val["val_log_loss"],
                  f"  ndcg@20 {entry['val_ndcg@20']:.4f}" if "val_ndcg@20" in entry else "",
                  entry["samples_per_s"], seconds)
         if stopper.update(epoch, entry[f"val_{config.monitor}"], model):
-            if on_improve is not None:
+            if on_improve is not None and group.main:
                 on_improve(model, history)
         elif stopper.should_stop:
             log.info("early stop: no better validation %s for %d epochs (best epoch %d)", config.monitor,
@@ -304,11 +343,12 @@ def train_ranker(
     best = {k: v for k, v in history[stopper.best_epoch - 1].items() if k.startswith("val_")}
     fusion: dict[str, Any] = {}
     if retrieval is not None and config.fuse:
-        fusion = choose_retrieval_weight(model, ds, retrieval)
+        fusion = from_main(lambda: choose_retrieval_weight(model, ds, retrieval), group)
         log.info("%s fusion weight %.2f on validation: ndcg@20 %.4f (ranker alone %.4f, retrieval %.4f)",
                  config.model, fusion["weight"], max(fusion["val_ndcg@20_by_weight"].values()),
                  fusion["val_ndcg@20_by_weight"]["0.0"], fusion["val_retrieval_ndcg@20"])
-    return RankTrainResult(model, history, stopper.best_epoch, best["val_auc"], total_rows / total_time, best, fusion)
+    return RankTrainResult(model, history, stopper.best_epoch, best["val_auc"], total_rows / total_time, best, fusion,
+                           diverged)
 
 
 def config_dict(config: RankTrainConfig) -> dict[str, Any]:

@@ -1,0 +1,204 @@
+"""The merged retriever: the item-kNN table against brute force, the fused top-n against a dense
+scoring of every item, the prior coordinate, the artifact, and the weights chosen on validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.synthetic import SyntheticConfig, generate
+from index.faiss_index import build_index, load_index, save_index
+from retrieval.channels import (CHANNELS, ChannelWeights, build_channels, channel_files, fuse, load_channels, prepare,
+                                prior_index, retrieve, tune_channels)
+from retrieval.data import DataSpec, held_out_users, load_dataset, split_users
+from retrieval.errors import ArtifactError, RetrievalError
+from retrieval.evaluate import exact_index
+from retrieval.neighbours import build_neighbours, neighbour_scores, training_matrix
+from retrieval.recommend import recommend
+from retrieval.samples import Histories
+from retrieval.train import model_config_for
+from retrieval.retrievers import build_retriever
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic log, its split and an untrained (seeded) MIND: the merge is what is tested."""
+    paths = generate(tmp_path_factory.mktemp("chan"), SyntheticConfig(n_users=120, n_items=200, n_topics=8, n_categories=4,
+                                                                        min_len=5, max_len=40, mean_len=20.0, seed=5))
+    ds = load_dataset(DataSpec(paths["interactions"], paths["items"], paths["users"]))
+    split = split_users(ds, 2026)
+    torch.manual_seed(0)
+    model = build_retriever(model_config_for(ds, interests=4, dim=8, hidden=16, max_len=20),
+                            {f: torch.from_numpy(m.astype(np.int64)) for f, m in ds.item_features.items()}).eval()
+    return ds, split, model
+
+
+def test_neighbour_table_is_the_brute_force_top_k(setup) -> None:
+    ds, split, _ = setup
+    x = training_matrix(ds, split).to_dense().numpy()  # (U, N+1) binary
+    co = x.T @ x
+    deg = np.diag(co)
+    sim = co / np.sqrt(np.maximum(np.outer(deg, deg), 1))
+    np.fill_diagonal(sim, 0)
+    nb = build_neighbours(ds, split, k=7, block=500)  # many blocks of a few rows
+    for i in (1, 5, 50, ds.n_items):
+        order = np.lexsort((np.arange(len(sim)), -sim[i]))  # similarity desc, then index
+        want = [j for j in order if sim[i, j] > 0][:7]
+        got = nb.ids[i][nb.ids[i] > 0].tolist()
+        assert got == want
+        assert np.allclose(nb.sims[i][: len(want)], sim[i, want], atol=1e-6)
+    assert (nb.ids[0] == 0).all() and (nb.sims[0] == 0).all()
+
+
+def test_neighbour_scores_sum_the_last_items_and_drop_the_history(setup) -> None:
+    ds, split, _ = setup
+    nb = build_neighbours(ds, split, k=5)
+    last, full = [np.array([1, 2]), np.array([3])], [np.array([1, 2, 9]), np.array([3])]
+    s = neighbour_scores(nb, last, full)
+    for r in range(2):
+        dense = np.zeros(ds.n_items + 1)
+        for h in last[r]:
+            np.add.at(dense, nb.ids[h], nb.sims[h])
+        dense[0] = 0
+        dense[full[r]] = 0
+        got = np.zeros_like(dense)
+        got[s.items[s.rows == r]] = s.scores[s.rows == r]
+        assert np.allclose(got, dense, atol=1e-6)
+    assert np.all(np.diff(s.rows) >= 0) and (s.scores > 0).all()
+
+
+def _dense_fused(p, ch, w: float, a: float, n: int, n_items: int) -> list[list[int]]:
+    """Every item scored densely with the module's formula: the exact top n per user."""
+    ids = np.arange(1, n_items + 1)
+    v = p.embed(ids)  # (N, D)
+    out = []
+    for u in range(p.vectors.shape[0]):
+        act = p.active[u]
+        mind = (p.vectors[u][act] @ v.T).max(0)  # (N,)
+        s = p.sample_scores[u] + w * ch.log_freq[ch.sample]
+        fused = (mind + w * ch.log_freq[ids] - s.mean()) / (s.std() or 1.0)
+        if a > 0:
+            knn = np.zeros(n_items + 1)
+            knn[p.knn.items[p.knn.rows == u]] = p.knn.scores[p.knn.rows == u]
+            sd = knn[1:].std()
+            if sd > 0:
+                fused = fused + a * (knn[1:] - knn[1:].mean()) / sd
+        fused[p.exclude[u]] = -np.inf  # FAISS ids = item - 1
+        order = np.lexsort((ids, -fused))[:n]
+        out.append(ids[order].tolist())
+    return out
+
+
+@pytest.mark.parametrize(("w", "a"), [(0.0, 0.0), (0.7, 0.0), (0.0, 1.5), (0.4, 0.8)])
+def test_fused_top_n_is_exact(setup, w: float, a: float) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=10, max_len=20)
+    users, ends, _ = held_out_users(ds, split, "test")
+    p = prepare(model, ds, Histories.of(ds, users, ends), ch)
+    rec = fuse(p, prior_index(model, ch), ch, ChannelWeights(w, a), 15)
+    assert rec.items.tolist() == _dense_fused(p, ch, w, a, 15, ds.n_items)
+    assert np.all(np.diff(rec.scores, axis=1) <= 1e-6)  # best first
+    assert set(np.unique(rec.channel)) <= set(range(len(CHANNELS)))
+    assert (rec.interest[rec.channel != 0] == -1).all() and (rec.interest[rec.channel == 0] >= 0).all()
+    if a == 0:
+        assert not (rec.channel == CHANNELS.index("item_knn")).any()
+    if w == 0:
+        assert not (rec.channel == CHANNELS.index("popularity")).any()
+
+
+def test_without_weights_it_is_mind_alone(setup) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=10, max_len=20)
+    users, ends, _ = held_out_users(ds, split, "validation")
+    hist = Histories.of(ds, users, ends)
+    alone = recommend(model, ds, exact_index(model), hist, 20)
+    merged_index = prior_index(model, ch)
+    assert merged_index.d == exact_index(model).d + 1
+    off = retrieve(model, ds, merged_index, hist, 20, channels=ch)  # weights start at 0
+    assert off.items.tolist() == alone.items.tolist()
+    assert off.interest.tolist() == alone.interest.tolist() and (off.channel == 0).all()
+    # the plain serving path on the merged retriever's index is MIND alone too (prior coordinate 0)
+    assert recommend(model, ds, merged_index, hist, 20).items.tolist() == alone.items.tolist()
+    assert retrieve(model, ds, exact_index(model), hist, 20).items.tolist() == alone.items.tolist()
+
+
+def test_a_prior_needs_the_prior_coordinate(setup) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=5, max_len=20)
+    users, ends, _ = held_out_users(ds, split, "validation")
+    ch.weights = ChannelWeights(0.5, 0.0)
+    with pytest.raises(RetrievalError, match="build the index with --channels"):
+        retrieve(model, ds, exact_index(model), Histories.of(ds, users, ends), 10, channels=ch)
+    with pytest.raises(RetrievalError, match="merge 'share' applies to MIND alone"):
+        retrieve(model, ds, prior_index(model, ch), Histories.of(ds, users, ends), 10, merge="share", channels=ch)
+
+
+def test_a_large_prior_serves_the_most_popular_items(setup) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=5, max_len=20)
+    users, ends, _ = held_out_users(ds, split, "validation")
+    p = prepare(model, ds, Histories.of(ds, users[:1], ends[:1]), ch)
+    rec = fuse(p, prior_index(model, ch), ch, ChannelWeights(1e4, 0.0), 5)
+    history = set(ds.sequence(users[0])[: ends[0]].tolist())
+    allowed = np.array([i for i in range(1, ds.n_items + 1) if i not in history])
+    # the five largest frequencies, best first (items of equal frequency are ordered by MIND's score)
+    assert ch.log_freq[rec.items[0]].tolist() == sorted(ch.log_freq[allowed].tolist(), reverse=True)[:5]
+    assert (rec.channel[0] == CHANNELS.index("popularity")).all()
+
+
+def test_recency_weighted_frequency(setup) -> None:
+    ds, split, _ = setup
+    plain = build_channels(ds, split, k=5).log_freq
+    assert np.allclose(np.expm1(plain), np.bincount(np.concatenate([ds.sequence(u) for u in split.train_users]),
+                                                    minlength=ds.n_items + 1), atol=1e-3)
+    recent = build_channels(ds, split, k=5, halflife=1.0).log_freq  # a tiny half-life: only the last instant counts
+    assert (recent <= plain + 1e-6).all() and recent.sum() < plain.sum()
+
+
+def test_channels_travel_with_the_index_and_are_checked(setup, tmp_path: Path) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=6, max_len=20)
+    ch.weights, ch.prior_only = ChannelWeights(0.25, 1.5), 0.5
+    index = prior_index(model, ch)
+    save_index(index, tmp_path / "idx", {"channels": ch.settings()}, files=channel_files(ch))
+    loaded, manifest = load_index(tmp_path / "idx")
+    back = load_channels(tmp_path / "idx", manifest)
+    assert back is not None and back.weights == ch.weights and back.prior_only == 0.5
+    assert np.array_equal(back.neighbours.ids, ch.neighbours.ids) and np.array_equal(back.log_freq, ch.log_freq)
+    users, ends, _ = held_out_users(ds, split, "test")
+    hist = Histories.of(ds, users, ends)
+    assert retrieve(model, ds, loaded, hist, 10, channels=back).items.tolist() == \
+        retrieve(model, ds, index, hist, 10, channels=ch).items.tolist()
+    # a plain index has no channels
+    save_index(build_index(np.eye(4, dtype=np.float32)), tmp_path / "plain", {})
+    assert load_channels(tmp_path / "plain", load_index(tmp_path / "plain")[1]) is None
+    # the channels file is under the index's integrity check
+    (tmp_path / "idx" / "channels.npz").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="corrupt index file"):
+        load_index(tmp_path / "idx")
+    (tmp_path / "idx" / "channels.npz").unlink()
+    with pytest.raises(ArtifactError, match=r"incomplete index \(no channels.npz\)"):
+        load_index(tmp_path / "idx")
+
+
+def test_weights_are_chosen_on_validation_users(setup) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=10, max_len=20)
+    tuned = tune_channels(model, ds, split, prior_index(model, ch), ch, n=20)
+    _, _, truth = held_out_users(ds, split, "validation")
+    assert tuned.users == len(truth) and tuned.objective == "recall@20+ndcg@20"
+    best = max(t["recall@20"] + t["ndcg@20"] for t in tuned.trials)
+    at = [t for t in tuned.trials if (t["prior"], t["item_knn"]) == (tuned.merged.prior, tuned.merged.item_knn)]
+    assert at and at[0]["recall@20"] + at[0]["ndcg@20"] == pytest.approx(best) == pytest.approx(tuned.best)
+    alone = [t for t in tuned.trials if t["item_knn"] == 0]
+    assert tuned.prior_only.item_knn == 0 and max(t["recall@20"] + t["ndcg@20"] for t in alone) == pytest.approx(
+        next(t["recall@20"] + t["ndcg@20"] for t in alone if t["prior"] == tuned.prior_only.prior))
+    # an untrained MIND is noise: item-kNN must get weight, and the merge beats MIND alone on validation
+    assert tuned.merged.item_knn > 0
+    first = tuned.trials[0]
+    assert (first["prior"], first["item_knn"]) == (0.0, 0.0) and tuned.best > first["recall@20"] + first["ndcg@20"]
+    assert dataclasses.asdict(tuned.merged).keys() == {"prior", "item_knn"}
