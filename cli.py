@@ -742,7 +742,7 @@ def experiment(
 @clean_errors
 def experiment_rankers(
     interactions: Interactions,
-    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    out: Annotated[Path, typer.Option(help="JSON report to write (the README tables go beside it as .md).")],
     items: Items = None,
     users: Users = None,
     user_col: UserCol = "user_id",
@@ -767,9 +767,10 @@ def experiment_rankers(
     compile: Compile = False,
 ) -> None:
     """Every ranker (and variants) over several split seeds: AUC, GAUC, log loss, two-stage NDCG, speed (mean ± std)."""
-    from retrieval.artifacts import atomic_write_json
+    from retrieval.artifacts import atomic_write_bytes, atomic_write_json
     from retrieval.data import load_dataset
-    from retrieval.ranking.experiment import KIND, format_ranker_table, parse_variant, run_ranker_experiment, variant_config
+    from retrieval.ranking.experiment import (KIND, format_ranker_markdown, format_ranker_table, parse_variant,
+                                              run_ranker_experiment, variant_config)
     from retrieval.ranking.models import ranker_config
     from retrieval.ranking.train import RankTrainConfig
     from retrieval.train import TrainConfig
@@ -796,14 +797,19 @@ def experiment_rankers(
                 ranker_config(cfg.model, ds, **cfg.settings)
             except (ValueError, TypeError) as err:
                 _fail(f"ranker {v!r}: {err}")
+        md = out.with_suffix(".md")
+
+        def write(partial: dict[str, Any]) -> None:  # the JSON and its README tables beside it, atomically
+            atomic_write_json(out, partial)
+            atomic_write_bytes(md, format_ranker_markdown(partial).encode())
+
         report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                       rank_train, m=candidates, jobs=jobs,
-                                       on_seed=(lambda partial: atomic_write_json(out, partial)) if group.main else None,
+                                       rank_train, m=candidates, jobs=jobs, on_seed=write if group.main else None,
                                        runtime=runtime)
         if group.main:
-            atomic_write_json(out, report)
+            write(report)
             typer.echo(format_ranker_table(report))
-            typer.echo(f"report: {out}")
+            typer.echo(f"report: {out}  tables: {md}")
 
 
 if __name__ == "__main__":

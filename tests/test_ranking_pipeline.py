@@ -853,6 +853,16 @@ def test_experiment_rankers_report_with_variants(invoke, tmp_path):
     assert all(r["retrieval_weight"] == 0 and r["two_stage_ndcg@20"] == r["two_stage_ranker_only_ndcg@20"]
                for r in no_fusion)
     assert "best epochs" in result.stdout and "p99 ms" in result.stdout
+    # the README tables beside the JSON: one row per ranker, each seed's NDCG@20 against the retrieval order
+    md = out.with_suffix(".md").read_text()
+    for label in labels:
+        row = report["rankers"][label]
+        assert (f"| {label} | {row['auc']['mean']:.4f} ± {row['auc']['std']:.4f} |" in md
+                and f"| {row['seeds_above_retrieval_ndcg@20']} of 2 |" in md)
+        per_seed = [f"{s['rankers'][label]['two_stage_ndcg@20']:.4f} / {s['rankers'][label]['retrieval_ndcg@20']:.4f}"
+                    for s in report["per_seed"]]
+        assert f"| {label} | {' | '.join(per_seed)} |" in md
+    assert "| ranker | 2026 | 2027 |" in md and "Sessions (gap 1800 s)" in md
 
 
 def test_variant_settings_split_into_training_and_model_fields():

@@ -245,3 +245,50 @@ def format_ranker_table(report: dict[str, Any]) -> str:
         p99 = row.get("latency_p99_ms", {}).get("mean", float("nan"))
         lines.append(f"{label:<32}{cells}{row['seeds_above_retrieval_ndcg@20']:>4}/{n:<2}{epochs:>16}{p99:>8.2f}")
     return "\n".join(lines)
+
+
+def format_ranker_markdown(report: dict[str, Any]) -> str:
+    """The README tables of a ranker report: the headline figures per ranker (mean ± std over
+    seeds), each seed's two-stage NDCG@20 against the retrieval order, and the session
+    statistics that say how much DSIN has to work with."""
+    seeds = report["split_seeds"]
+    spread = len(seeds) > 1
+
+    def cell(row: dict[str, Any], key: str, digits: int = 4) -> str:
+        v = row.get(key)
+        if v is None:
+            return "–"
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if spread else f"{v['mean']:.{digits}f}"
+
+    cfg = report["rank_train_config"]
+    lines = [f"{report['dataset']}, user split, split seed{'s' if spread else ''} {', '.join(map(str, seeds))}, "
+             f"{report['part']} users, M={report['M']}; rankers: at most {cfg['epochs']} epochs, patience "
+             f"{cfg['patience']} on validation {cfg['monitor']}, {cfg['negatives']} negative(s) per positive "
+             f"(hard share {cfg['hard_share']}); {'mean ± std over seeds' if spread else 'one seed'}; "
+             f"wall {report['wall_time_s']:.0f} s"
+             + ("" if report.get("complete", True) else " (incomplete: the later seeds did not finish)"),
+             "",
+             "| ranker | AUC | GAUC | log loss | two-stage NDCG@20 | ranker alone NDCG@20 | retrieval NDCG@20 "
+             "| seeds above retrieval | retrieval weight | best epochs | s / epoch | p50 / p99 ms |",
+             "|---" * 12 + "|"]
+    for label, row in report["rankers"].items():
+        lat = (f"{row['latency_p50_ms']['mean']:.1f} / {row['latency_p99_ms']['mean']:.1f}"
+               if "latency_p99_ms" in row else "–")
+        lines.append(f"| {label} | {cell(row, 'auc')} | {cell(row, 'gauc')} | {cell(row, 'log_loss')} | "
+                     f"{cell(row, 'two_stage_ndcg@20')} | {cell(row, 'two_stage_ranker_only_ndcg@20')} | "
+                     f"{cell(row, 'retrieval_ndcg@20')} | {row['seeds_above_retrieval_ndcg@20']} of {len(seeds)} | "
+                     f"{cell(row, 'retrieval_weight', 2)} | {', '.join(map(str, row['best_epochs']))} | "
+                     f"{cell(row, 'seconds_per_epoch', 0)} | {lat} |")
+    lines += ["", "Two-stage NDCG@20 per seed (reranked / retrieval order):", "",
+              "| ranker | " + " | ".join(str(s) for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for label in report["rankers"]:
+        cells = []
+        for s in report["per_seed"]:
+            r = s["rankers"][label]
+            cells.append(f"{r['two_stage_ndcg@20']:.4f} / {r['retrieval_ndcg@20']:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    st = report.get("sessions")
+    if st:
+        lines += ["", f"Sessions (gap {st['gap_s']:.0f} s): "
+                  + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in st.items() if k != "gap_s")]
+    return "\n".join(lines) + "\n"
