@@ -405,3 +405,32 @@ def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, confi
     with pytest.raises(RuntimeError, match="scoring path"):
         ActivationUnit(4).train().pool_shared(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.ones(1, 2, dtype=torch.bool),
                                               torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model_cls, config_cls", MODELS)
+def test_training_loss_of_shared_histories_is_the_loss_of_their_own_rows(model_cls, config_cls):
+    """A training step's groups (a positive and its negatives share one history, RankBatch.rows,
+    every group the same size) give the loss, auxiliary loss included, and the gradients of the
+    same rows with a history each (DMIN refines each distinct history once)."""
+    hist = problem(31, B=3)
+    rows = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])  # 3 groups of 4
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(6))
+    label = (torch.arange(12) < 3).float()
+    shared = replace(hist, candidate=candidate, rows=rows, label=label)
+    own = shared.per_row()
+    assert torch.equal(own.neg_history, hist.neg_history[rows])
+    config = small(config_cls)
+    if hasattr(config, "aux_weight"):
+        config = replace(config, aux_weight=1.0)
+    torch.manual_seed(0)
+    model = model_cls(config, item_features()).train()
+    got, want = model.losses(shared), model.losses(own)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    if "aux" in want:
+        assert want["aux"] > 0
+    grads = torch.autograd.grad(got["total"], list(model.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(model.losses(own)["total"], list(model.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

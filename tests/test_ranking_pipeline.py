@@ -898,3 +898,25 @@ def test_experiment_rankers_rejects_unknown_variants(invoke, tmp_path, small_dat
                         "--out", tmp_path / "r.json")
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
         assert not (tmp_path / "r.json").exists()
+
+
+def test_ranker_experiment_reports_each_ranker_as_it_finishes(small):
+    """In one process the report is handed over after every ranker: a stopped run keeps the
+    rankers it finished, marked incomplete, each row naming its seeds."""
+    from retrieval.ranking.experiment import format_ranker_markdown, format_ranker_table, run_ranker_experiment
+    from retrieval.train import TrainConfig
+
+    from retrieval.data import DataSpec
+
+    partials = []
+    report = run_ranker_experiment(small.dataset, DataSpec(Path("log.csv")), [2026], ["base", "base:fuse=false"], {},
+                                   TrainConfig(epochs=1, batch_size=64), RankTrainConfig(epochs=1, dim=8), m=60,
+                                   on_seed=partials.append)
+    assert [list(p["rankers"]) for p in partials] == [["base"], ["base", "base:fuse=false"],
+                                                      ["base", "base:fuse=false"]]
+    assert [p["complete"] for p in partials] == [False, True, True] and report["complete"]  # the last ranker completes it
+    first = partials[0]
+    assert first["rankers"]["base"]["seeds"] == [2026] and list(first["per_seed"][0]["rankers"]) == ["base"]
+    assert first["rankers"]["base"]["auc"] == report["rankers"]["base"]["auc"]
+    md = format_ranker_markdown(first)
+    assert "| base |" in md and "base:fuse=false" not in md and "(incomplete:" in md and "base" in format_ranker_table(first)

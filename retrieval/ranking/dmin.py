@@ -215,37 +215,49 @@ class DMIN(ClickModel):
         interests, _ = self.extractor(z, cand, batch.mask, allowed)  # (B, H_E, D)
         return self.mlp_logit([interests.flatten(1), cand], batch)  # (B, H_E * D), (B, D)
 
+    def _refine_shared(self, batch: RankBatch) -> tuple[RankBatch, Tensor, Tensor, Tensor, Tensor]:
+        """The refiner runs once per distinct history (it never sees the candidate): -> the batch
+        with one history per candidate, then e (H, L, D) and z (H, L, D) of the H distinct
+        histories, and z (B, L, D), allowed (B, L, L) gathered per candidate (`RankBatch.rows`;
+        H = B and nothing is gathered without rows)."""
+        e, z, allowed = self._refine(batch)
+        if batch.rows is None:
+            return batch, e, z, z, allowed
+        rows = batch.rows
+        return batch.per_row(), e, z, z.index_select(0, rows), allowed.index_select(0, rows)
+
     def refine(self, batch: RankBatch) -> Tensor:
         """Refined behaviours z (B, L, D) (0 at padded positions)."""
-        batch = batch.per_row()
-        return self._refine(batch)[1]
+        return self._refine_shared(batch)[3]
 
     def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
         """The H_E candidate-activated interests (B, H_E, D) and their weights (B, H_E, L)."""
-        batch = batch.per_row()
-        _, z, allowed = self._refine(batch)
+        batch, _, _, z, allowed = self._refine_shared(batch)
         return self.extractor(z, self.items(batch.candidate), batch.mask, allowed)
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
-        batch = batch.per_row()
-        _, z, allowed = self._refine(batch)
+        batch, _, _, z, allowed = self._refine_shared(batch)
         return self._logit(batch, z, allowed)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
-        """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2."""
-        batch = batch.per_row()
+        """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2.
+
+        With shared histories (`RankBatch.rows`, a positive and its negatives) the auxiliary
+        loss is taken over the distinct histories: every group has the same number of rows in
+        training, so its mean is the per-row one."""
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
-        e, z, allowed = self._refine(batch)
+        shared = batch
+        batch, e, z_shared, z, allowed = self._refine_shared(batch)
         logits = self._logit(batch, z, allowed)
         ids = [batch.history.masked_fill(~batch.mask, 0), batch.candidate]
         aux = logits.new_zeros(())
         if c.aux_weight:
-            if batch.neg_history is None:
+            if shared.neg_history is None:
                 raise ValueError("batch.neg_history is None: DMIN's auxiliary loss needs sampled negatives")
-            negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
-            aux = auxiliary_loss(z, e, self.items(negatives), batch.mask)
-            ids.append(negatives)
+            negatives = shared.neg_history.masked_fill(~shared.mask, 0)  # (H, L)
+            aux = auxiliary_loss(z_shared, e, self.items(negatives), shared.mask)
+            ids.append(batch.neg_history.masked_fill(~batch.mask, 0))  # (B, L): the regulariser's ids per row
         return self.click_losses(logits, batch, ids, aux, c.aux_weight)

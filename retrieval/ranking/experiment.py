@@ -104,6 +104,7 @@ def run_seed(
     threads: int = 0,
     latency_requests: int = 200,
     runtime: Runtime | None = None,
+    on_ranker: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One split seed: train MIND, then every variant; -> {"split_seed", "retrieval", "rankers": label -> figures}."""
     if threads:
@@ -112,6 +113,8 @@ def run_seed(
     tc = dataclasses.replace(retrieval_train, split_seed=seed)
     run = train(ds, split, model_config_for(ds, **retrieval_settings), tc, show_progress=False, runtime=runtime)
     mind = run.model
+    retrieval = {"best_epoch": run.best_epoch, "epochs_run": len(run.history), "val_recall@50": run.best_recall,
+                 "train_seconds": float(sum(h["seconds"] for h in run.history))}
     index = exact_index(mind)
     candidates: dict[int, RetrievalCandidates] = {}  # by M, computed once per seed
     rows: dict[str, Any] = {}
@@ -147,8 +150,8 @@ def run_seed(
                  rows[label]["log_loss"], rows[label]["two_stage_ndcg@20"], rows[label]["two_stage_ranker_only_ndcg@20"],
                  rows[label]["retrieval_ndcg@20"], rows[label]["retrieval_weight"], r.best_epoch,
                  rows[label]["seconds_per_epoch"])
-    retrieval = {"best_epoch": run.best_epoch, "epochs_run": len(run.history), "val_recall@50": run.best_recall,
-                 "train_seconds": float(sum(h["seconds"] for h in run.history))}
+        if on_ranker is not None:  # the seed so far: a stopped run keeps every ranker it finished
+            on_ranker({"split_seed": seed, "retrieval": retrieval, "rankers": dict(rows)})
     return {"split_seed": seed, "retrieval": retrieval, "rankers": rows}
 
 
@@ -168,7 +171,8 @@ def run_ranker_experiment(
 ) -> dict[str, Any]:
     """Every variant on every split seed. `jobs` > 1 runs that many seeds side by side in
     spawned processes, one torch thread each (the figures do not depend on it; the timings
-    do, and the report says so). `on_seed(partial report)` runs as each seed finishes."""
+    do, and the report says so). `on_seed(partial report)` runs as each seed finishes and, in
+    one process, as each ranker finishes (the seed in progress then holds the rankers done)."""
     labels = [parse_variant(v)[0] for v in variants]
     t0 = time.perf_counter()
     per_seed: list[dict[str, Any]] = []
@@ -186,9 +190,17 @@ def run_ranker_experiment(
         if on_seed is not None:
             on_seed(report(time.perf_counter() - t0))
 
+    def ranker_done(partial: dict[str, Any]) -> None:
+        if on_seed is not None:
+            per_seed.append(partial)
+            try:
+                on_seed(report(time.perf_counter() - t0))
+            finally:
+                per_seed.remove(partial)
+
     if jobs <= 1:
         for seed in seeds:
-            done(run_seed(ds, seed, *args, runtime=runtime))
+            done(run_seed(ds, seed, *args, runtime=runtime, on_ranker=ranker_done))
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run_seed, ds, seed, *args, threads=1, runtime=runtime) for seed in seeds]
@@ -202,14 +214,17 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
             part: str, m: int, jobs: int, seconds: float) -> dict[str, Any]:
     rankers = {}
     for label in labels:
-        runs = [s["rankers"][label] for s in per_seed]
+        runs = [s["rankers"][label] for s in per_seed if label in s["rankers"]]  # a stopped seed lacks the last
+        if not runs:
+            continue
         rankers[label] = {k: mean_std([r[k] for r in runs]) for k in runs[0]}
+        rankers[label]["seeds"] = [s["split_seed"] for s in per_seed if label in s["rankers"]]
         rankers[label]["seeds_above_retrieval_ndcg@20"] = sum(r["two_stage_ndcg@20"] > r["retrieval_ndcg@20"]
                                                               for r in runs)
         rankers[label]["best_epochs"] = [r["best_epoch"] for r in runs]
     return {
         "kind": KIND,
-        "complete": len(per_seed) == len(seeds),
+        "complete": len(per_seed) == len(seeds) and all(len(s["rankers"]) == len(labels) for s in per_seed),
         "dataset": str(spec.interactions),
         "data_fingerprint": ds.fingerprint,
         "split_seeds": [s["split_seed"] for s in per_seed],
@@ -224,7 +239,7 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
         "rank_train_config": dataclasses.asdict(rank_train),
         "sessions": session_statistics(ds, rank_train.max_len),
         "rankers": rankers,
-        "per_seed": per_seed,
+        "per_seed": list(per_seed),  # a snapshot: the run goes on appending
         "wall_time_s": round(seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command_line(),
@@ -235,7 +250,6 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
 def format_ranker_table(report: dict[str, Any]) -> str:
     """One line per ranker: mean ± std of the headline figures, seeds above retrieval, latency."""
     cols = ["auc", "gauc", "log_loss", "two_stage_ndcg@20", "retrieval_ndcg@20"]
-    n = len(report["per_seed"])
     head = (f"{'ranker':<32}" + "".join(f"{c:>18}" for c in cols)
             + f"{'above':>7}{'best epochs':>16}{'p99 ms':>8}")
     lines = [head, "-" * len(head)]
@@ -243,7 +257,8 @@ def format_ranker_table(report: dict[str, Any]) -> str:
         cells = "".join(f"{row[c]['mean']:>10.4f}±{row[c]['std']:<7.4f}" for c in cols)
         epochs = ",".join(str(e) for e in row["best_epochs"])
         p99 = row.get("latency_p99_ms", {}).get("mean", float("nan"))
-        lines.append(f"{label:<32}{cells}{row['seeds_above_retrieval_ndcg@20']:>4}/{n:<2}{epochs:>16}{p99:>8.2f}")
+        lines.append(f"{label:<32}{cells}{row['seeds_above_retrieval_ndcg@20']:>4}/{len(row['seeds']):<2}{epochs:>16}"
+                     f"{p99:>8.2f}")
     return "\n".join(lines)
 
 
@@ -266,7 +281,8 @@ def format_ranker_markdown(report: dict[str, Any]) -> str:
              f"{cfg['patience']} on validation {cfg['monitor']}, {cfg['negatives']} negative(s) per positive "
              f"(hard share {cfg['hard_share']}); {'mean ± std over seeds' if spread else 'one seed'}; "
              f"wall {report['wall_time_s']:.0f} s"
-             + ("" if report.get("complete", True) else " (incomplete: the later seeds did not finish)"),
+             + ("" if report.get("complete", True) else " (incomplete: the run stopped before every ranker of every "
+                                                        "seed finished; each row says its seeds)"),
              "",
              "| ranker | AUC | GAUC | log loss | two-stage NDCG@20 | ranker alone NDCG@20 | retrieval NDCG@20 "
              "| seeds above retrieval | retrieval weight | best epochs | s / epoch | p50 / p99 ms |",
@@ -276,7 +292,7 @@ def format_ranker_markdown(report: dict[str, Any]) -> str:
                if "latency_p99_ms" in row else "–")
         lines.append(f"| {label} | {cell(row, 'auc')} | {cell(row, 'gauc')} | {cell(row, 'log_loss')} | "
                      f"{cell(row, 'two_stage_ndcg@20')} | {cell(row, 'two_stage_ranker_only_ndcg@20')} | "
-                     f"{cell(row, 'retrieval_ndcg@20')} | {row['seeds_above_retrieval_ndcg@20']} of {len(seeds)} | "
+                     f"{cell(row, 'retrieval_ndcg@20')} | {row['seeds_above_retrieval_ndcg@20']} of {len(row['seeds'])} | "
                      f"{cell(row, 'retrieval_weight', 2)} | {', '.join(map(str, row['best_epochs']))} | "
                      f"{cell(row, 'seconds_per_epoch', 0)} | {lat} |")
     lines += ["", "Two-stage NDCG@20 per seed (reranked / retrieval order):", "",
@@ -284,8 +300,8 @@ def format_ranker_markdown(report: dict[str, Any]) -> str:
     for label in report["rankers"]:
         cells = []
         for s in report["per_seed"]:
-            r = s["rankers"][label]
-            cells.append(f"{r['two_stage_ndcg@20']:.4f} / {r['retrieval_ndcg@20']:.4f}")
+            r = s["rankers"].get(label)  # None: the run stopped before this ranker
+            cells.append("–" if r is None else f"{r['two_stage_ndcg@20']:.4f} / {r['retrieval_ndcg@20']:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     st = report.get("sessions")
     if st:
