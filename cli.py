@@ -208,7 +208,8 @@ SplitKind = Annotated[Literal["user", "time"], typer.Option("--split", help="use
 Merge = Annotated[Literal["best", "share"], typer.Option(help="Merge of the interests' results: best (each item's best score) or share (slots per interest).")]
 Part = Annotated[Literal["test", "validation"], typer.Option(help="Held-out users: test or validation.")]
 RankerModel = Annotated[Literal["base", "din", "dmin", "dien", "dsin"], typer.Option(help="Ranker: din, dmin, dien, dsin or base (embedding + MLP).")]
-NegativeSource = Annotated[Literal["uniform", "retrieval"], typer.Option(help="uniform (never-touched items) or retrieval (the retriever's top-M).")]
+NegativeSource = Annotated[Literal["uniform", "retrieval"], typer.Option(help="uniform (never-touched items, mixed with the retriever's top-M by --hard-share) or retrieval (every negative from the retriever's top-M).")]
+RankMonitor = Annotated[Literal["auc", "gauc", "ndcg@20"], typer.Option(help="Validation figure the rankers' early stopping follows: auc, gauc or ndcg@20 (two-stage).")]
 DataFormat = Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format.")]
 GenerateMethod = Annotated[Literal["per_user", "vectorised"], typer.Option(help="per_user (exact walk, the default data) or vectorised (numpy, for millions of users).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an artifact of another kind at --out (never a directory or file that is not an artifact, nor an input).")]
@@ -675,8 +676,9 @@ def evaluate(
     if "ranker" in report:
         r = report["ranker"]
         typer.echo(f"ranker {r['model']}: AUC {r['standalone']['auc']:.4f}  GAUC {r['standalone']['gauc']:.4f}  "
+                   f"log loss {r['standalone']['log_loss']:.4f}  retrieval weight {r['retrieval_weight']:g}  "
                    f"({r['candidates_per_s']:,.0f} candidates/s)")
-        for stage in ("retrieval_only", "two_stage"):
+        for stage in ("retrieval_only", "two_stage", "two_stage_ranker_only"):
             typer.echo(f"  {stage:<15}" + "  ".join(f"{k} {v:.4f}" for k, v in r[stage].items()))
     for p in report.get("plots", []):
         typer.echo(f"plot: {p}")
@@ -690,15 +692,18 @@ def train_ranker_cmd(
     bundle: Annotated[Path, typer.Option(help="Retrieval bundle: its data, split and (for hard negatives) model.")],
     out: Annotated[Path, typer.Option(help="Ranker bundle directory to write.")],
     model: RankerModel = "din",
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs; early stopping usually ends sooner.")] = 50,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     lr: Lr = 1e-3,
     negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
     negative_source: NegativeSource = "uniform",
-    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user for hard negatives.")] = 200,
+    hard_share: Annotated[float, typer.Option(min=0, max=1, help="Share of negatives drawn from the retriever's top-M candidates the user did not take; the rest uniform.")] = 0.0,
+    candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates per user (hard negatives, two-stage validation).")] = 200,
     dim: Annotated[int, typer.Option(min=2, help="Embedding size per field.")] = 16,
     max_len: Annotated[int, typer.Option(min=1)] = 50,
-    patience: Annotated[int, typer.Option(min=1)] = 2,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation figure before stopping.")] = 3,
+    monitor: RankMonitor = "auc",
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Choose the weight of the retrieval score in the served order on validation users.")] = True,
     seed: Seed = 0,
     force: Force = False,
     threads: Threads = 0,
@@ -706,33 +711,35 @@ def train_ranker_cmd(
     precision: Precision = "fp32",
     compile: Compile = False,
 ) -> None:
-    """Train a second-stage ranker on the retrieval bundle's training users; early stopping on validation AUC.
+    """Train a second-stage ranker on the retrieval bundle's training users, to convergence on validation users.
 
     Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import KIND, save_ranker
-    from retrieval.ranking.train import RankTrainConfig, hard_negatives, train_ranker
+    from retrieval.ranking.train import RankTrainConfig, retrieval_candidates, train_ranker
 
     with _runtime(device, precision, compile) as (runtime, group):
         _claim_on_main(group, out, KIND, (bundle,), force)
         b = load_bundle(bundle)
         cfg = RankTrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives,
-                              negative_source=negative_source, retrieval_m=candidates, patience=patience, seed=seed,
-                              dim=dim, max_len=max_len, threads=threads)
-        if negative_source == "retrieval":
-            b.model.to(runtime.device)
-        hard = hard_negatives(b.model, b.dataset, b.split, candidates) if negative_source == "retrieval" else None
+                              negative_source=negative_source, hard_share=hard_share, retrieval_m=candidates,
+                              patience=patience, monitor=monitor, fuse=fuse, seed=seed, dim=dim, max_len=max_len,
+                              threads=threads)
+        b.model.to(runtime.device)
+        rc = retrieval_candidates(b.model, b.dataset, b.split, candidates) if cfg.needs_retrieval else None
         extra = {"trained_on": {**runtime.describe(), "processes": group.world}}
 
-        def save(m, history):  # rewrite the best ranker so far, atomically
-            save_ranker(out, m, model, cfg, b,
-                        extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history), **extra})
+        def save(m, history, fusion=None):  # rewrite the best ranker so far, atomically
+            save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history),
+                                                      **({"fusion": fusion} if fusion else {}), **extra})
 
-        result = train_ranker(b.dataset, b.split, cfg, hard=hard, on_improve=save, runtime=runtime)
+        result = train_ranker(b.dataset, b.split, cfg, retrieval=rc, on_improve=save, runtime=runtime)
         if group.main:
-            save(result.model, result.history)
-            typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch}  val auc {result.best_auc:.4f}  "
-                       f"{result.samples_per_s:,.0f} samples/s")
+            save(result.model, result.history, result.fusion)
+            typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch} of {len(result.history)}  "
+                       + "  ".join(f"{k} {v:.4f}" for k, v in result.best.items())
+                       + (f"  retrieval weight {result.fusion['weight']:g}" if result.fusion else "")
+                       + f"  {result.samples_per_s:,.0f} samples/s")
 
 
 @app.command()
@@ -865,7 +872,7 @@ def experiment(
 @clean_errors
 def experiment_rankers(
     interactions: Interactions,
-    out: Annotated[Path, typer.Option(help="JSON report to write.")],
+    out: Annotated[Path, typer.Option(help="JSON report to write (the README tables go beside it as .md).")],
     items: Items = None,
     users: Users = None,
     user_col: UserCol = "user_id",
@@ -875,8 +882,12 @@ def experiment_rankers(
     item_features: ItemFeatures = None,
     seeds: Seeds = "2026,2027,2028,2029,2030",
     rankers: Annotated[str, typer.Option(help="Comma-separated rankers or variants (name:key=value;key=value).")] = (
-        "base,din,dmin,dien,dien:aux_weight=0,dien:evolution=aigru,dien:evolution=agru,dsin"),
-    epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs.")] = 10,
+        "base,din,dmin,dien,dsin"),
+    epochs: Annotated[int, typer.Option(min=1, help="Most ranker epochs; early stopping usually ends sooner.")] = 50,
+    patience: Annotated[int, typer.Option(min=1, help="Ranker epochs without a better validation figure before stopping.")] = 3,
+    monitor: RankMonitor = "auc",
+    negatives: Annotated[int, typer.Option(min=1, help="Negatives per positive.")] = 1,
+    hard_share: Annotated[float, typer.Option(min=0, max=1, help="Share of negatives from the retriever's top-M.")] = 0.0,
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
     seed: Seed = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
@@ -885,10 +896,12 @@ def experiment_rankers(
     precision: Precision = "fp32",
     compile: Compile = False,
 ) -> None:
-    """Every ranker (and variants) over several split seeds: AUC, GAUC, two-stage NDCG, speed (mean ± std)."""
-    from retrieval.artifacts import atomic_write_json
+    """Every ranker (and variants) over several split seeds: AUC, GAUC, log loss, two-stage NDCG, speed (mean ± std)."""
+    from retrieval.artifacts import atomic_write_bytes, atomic_write_json
     from retrieval.data import load_dataset
-    from retrieval.ranking.experiment import KIND, format_ranker_table, parse_variant, run_ranker_experiment
+    from retrieval.ranking.experiment import (KIND, format_ranker_markdown, format_ranker_table, parse_variant,
+                                              run_ranker_experiment, variant_config)
+    from retrieval.ranking.models import ranker_config
     from retrieval.ranking.train import RankTrainConfig
     from retrieval.train import TrainConfig
 
@@ -896,20 +909,37 @@ def experiment_rankers(
     variants = [v for v in rankers.split(",") if v.strip()]
     if not variants:
         _fail(f"--rankers names no ranker, got {rankers!r}")
-    for v in variants:
-        parse_variant(v)  # ConfigError: one line, before any work
+    rank_train = RankTrainConfig(epochs=epochs, patience=patience, monitor=monitor, negatives=negatives,
+                                 hard_share=hard_share, retrieval_m=candidates, seed=seed)
+    configs = []
+    for v in variants:  # one line, before any work
+        _, name, settings = parse_variant(v)  # ConfigError
+        try:
+            configs.append(variant_config(rank_train, name, settings))
+        except ValueError as err:  # a training setting out of range (RankTrainConfig)
+            _fail(f"ranker {v!r}: {err}")
     spec = _data_spec(interactions, items, users, user_col, item_col, time_col, item_features, user_features)
     with _runtime(device, precision, compile) as (runtime, group):
         _claim_on_main(group, out, KIND, (interactions, items, users), force)
         ds = load_dataset(spec)
+        for v, cfg in zip(variants, configs):  # a bad model setting fails now, not after hours of training
+            try:
+                ranker_config(cfg.model, ds, **cfg.settings)
+            except (ValueError, TypeError) as err:
+                _fail(f"ranker {v!r}: {err}")
+        md = out.with_suffix(".md")
+
+        def write(partial: dict[str, Any]) -> None:  # the JSON and its README tables beside it, atomically
+            atomic_write_json(out, partial)
+            atomic_write_bytes(md, format_ranker_markdown(partial).encode())
+
         report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                       RankTrainConfig(epochs=epochs, seed=seed), m=candidates, jobs=jobs,
-                                       on_seed=(lambda partial: atomic_write_json(out, partial)) if group.main else None,
+                                       rank_train, m=candidates, jobs=jobs, on_seed=write if group.main else None,
                                        runtime=runtime)
         if group.main:
-            atomic_write_json(out, report)
+            write(report)
             typer.echo(format_ranker_table(report))
-            typer.echo(f"report: {out}")
+            typer.echo(f"report: {out}  tables: {md}")
 
 
 if __name__ == "__main__":

@@ -127,16 +127,27 @@ def mlp(sizes: Sequence[int], final_activation: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def encode_distinct(encode: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
-    """encode(ids) (..., D) computed once per distinct id and gathered.
+def distinct_rows(encode: Callable[[Tensor], Tensor], ids: Tensor) -> tuple[Tensor, Tensor]:
+    """encode() of each distinct id once: the rows (U, D) and, for every id, its row (ids.shape).
 
     A batch's histories repeat items, and encoding an item (its id and pooled side
-    features) per slot costs far more than one sort; values and gradients are the same.
-    The gather is index_select, not rep[inverse]: its backward (index_add) is deterministic
-    on CPU, advanced indexing's (index_put with accumulate) is not with several threads."""
+    features) per slot costs far more than one sort. Anything linear in an item's
+    representation can also be computed on the U rows and gathered (`gather_rows`)."""
     uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-    rep = encode(uniq)  # (U, D)
-    return rep.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rep.shape[-1])  # (..., D)
+    return encode(uniq), inverse
+
+
+def gather_rows(rows: Tensor, inverse: Tensor) -> Tensor:
+    """rows (U, D) gathered at inverse (...) -> (..., D). index_select, not rows[inverse]: its
+    backward (index_add) is deterministic on CPU, advanced indexing's (index_put with
+    accumulate) is not with several threads."""
+    return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, rows.shape[-1])
+
+
+def encode_distinct(encode: Callable[[Tensor], Tensor], ids: Tensor) -> Tensor:
+    """encode(ids) (..., D) computed once per distinct id and gathered: the same values and
+    gradients as encoding every slot."""
+    return gather_rows(*distinct_rows(encode, ids))
 
 
 class PooledEmbedding(nn.Module):
@@ -218,8 +229,10 @@ class ActivationUnit(nn.Module):
 
     The first layer is the paper's linear map of the 4D-wide input, W [k, q, k-q, k⊙q] + b,
     computed as (W_k + W_d) k + (W_q - W_d) q + W_p (k⊙q) + b: the same function and the
-    same parameters, but the q term is computed once per row (B, ·) rather than once per
-    behaviour and the (B, L, 4D) input is never built (half the first layer's work in DIN).
+    same parameters, but the (B, L, 4D) input is never built, the q term is computed once
+    per row, and the k term, which depends on the behaviour alone, can be computed once per
+    distinct item and gathered (`key_term`, `forward(..., key_term=)`): only the k⊙q term
+    is paid per (row, behaviour).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (36,), act: Activation = "dice"):
@@ -227,23 +240,42 @@ class ActivationUnit(nn.Module):
         self.dim = dim
         self.mlp = act_mlp(4 * dim, hidden, act)
 
-    def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """keys (B, L, D), query (B, D) or (B, L, D), mask (B, L) -> pooled (B, D), weights (B, L)."""
+    def _blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
         Wk, Wq, Wd, Wp = first.weight.split(self.dim, dim=1)  # (H1, D) each: k, q, k - q, k ⊙ q blocks
-        per_query = F.linear(query, Wq - Wd, first.bias)  # (B, H1) or (B, L, H1)
+        return Wk + Wd, Wq - Wd, Wp, first.bias
+
+    def key_term(self, keys: Tensor) -> Tensor:
+        """(W_k + W_d) k: keys (..., D) -> (..., H1), the first layer's part that depends on the
+        behaviour alone."""
+        return F.linear(keys, self._blocks()[0])
+
+    def query_term(self, query: Tensor, bias: bool = True) -> Tensor:
+        """(W_q - W_d) q (+ b): query (..., D) -> (..., H1), the first layer's part that depends on
+        the query alone; linear, so a query that is a sum of parts may be given part by part."""
+        _, Wqry, _, b = self._blocks()
+        return F.linear(query, Wqry, b if bias else None)
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor, key_term: Tensor | None = None,
+                query_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """keys (B, L, D), query (B, D) or (B, L, D), mask (B, L) -> pooled (B, D), weights (B, L).
+        key_term (B, L, H1): `key_term(keys)` computed beforehand (e.g. per distinct item), or None;
+        query_term: `query_term(query)` ((B, H1) or (B, L, H1)) computed beforehand, or None."""
+        Wkey, Wqry, Wp, bias = self._blocks()
+        per_query = query_term if query_term is not None else F.linear(query, Wqry, bias)  # (B, H1) or (B, L, H1)
         if query.dim() == 2:
-            query, per_query = query.unsqueeze(1), per_query.unsqueeze(1)  # (B, 1, D), (B, 1, H1)
-        per_key = torch.cat([Wk + Wd, Wp], dim=1)  # (H1, 2D): applied to [k, k ⊙ q]
+            query = query.unsqueeze(1)  # (B, 1, D)
+        if per_query.dim() == 2:
+            per_query = per_query.unsqueeze(1)  # (B, 1, H1)
         if not self.training:  # no batch statistics: every slot alone, padding zeroed after (no gather/scatter)
-            x = torch.cat([keys, keys * query.expand_as(keys)], dim=-1)  # (B, L, 2D)
-            h = F.linear(x, per_key) + per_query  # (B, L, H1)
-            w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask, 0.0)  # (B, L)
+            kt = key_term if key_term is not None else F.linear(keys, Wkey)  # (B, L, H1)
+            h = F.linear(keys * query, Wp).add_(kt).add_(per_query)  # (B, L, H1)
+            w = self.mlp[1:](h.flatten(0, -2)).view(mask.shape).masked_fill(~mask, 0.0)  # (B, L); rows for PReLU's channels
             return (w.unsqueeze(-1) * keys).sum(1), w
         k = keys[mask]  # (n_real, D)
         q = query.expand_as(keys)[mask]  # (n_real, D)
-        x = torch.cat([k, k * q], dim=-1)  # (n_real, 2D)
-        h = F.linear(x, per_key) + per_query.expand(*mask.shape, -1)[mask]  # (n_real, H1)
+        kt = key_term[mask] if key_term is not None else F.linear(k, Wkey)  # (n_real, H1)
+        h = F.linear(k * q, Wp) + kt + per_query.expand(*mask.shape, -1)[mask]  # (n_real, H1)
         w = keys.new_zeros(mask.shape)  # (B, L)
         w = w.masked_scatter(mask, self.mlp[1:](h).squeeze(-1).to(w.dtype))
         return (w.unsqueeze(-1) * keys).sum(1), w
@@ -268,6 +300,35 @@ class ActivationUnit(nn.Module):
         h += per_query.unsqueeze(2)
         w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask.unsqueeze(1), 0.0)  # (U, M, L)
         return torch.bmm(w, keys)  # (U, M, D)
+
+
+    @torch.no_grad()
+    def pool_shared(self, keys: Tensor, query: Tensor, mask: Tensor, rows: Tensor,
+                    key_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scoring (eval mode) of B queries against H shared histories: keys (H, L, D), query (B, D),
+        mask (H, L), rows (B,) the history of each query -> pooled (B, D), weights (B, L): the
+        values of forward() on the gathered histories, without the (B, L, D) copies.
+
+        Per history g, the k⊙q term of its n_g queries is one matmul, q (n_g, D) against
+        W_p ⊙ k_l for every behaviour l ((L·H1, D)), and the pooling is w (n_g, L) @ k (L, D)."""
+        if self.training:
+            raise RuntimeError("pool_shared is the scoring path; training uses forward()")
+        Wkey, Wqry, Wp, bias = self._blocks()
+        kt = key_term if key_term is not None else F.linear(keys, Wkey)  # (H, L, H1)
+        qt = F.linear(query, Wqry, bias)  # (B, H1)
+        H, L, D = keys.shape
+        pooled = keys.new_zeros(len(query), D)  # (B, D)
+        weights = keys.new_zeros(len(query), L)  # (B, L)
+        for g in range(H):
+            idx = (rows == g).nonzero().squeeze(1)  # (n_g,) queries of history g
+            if len(idx) == 0:
+                continue
+            w_kq = (Wp.unsqueeze(0) * keys[g].unsqueeze(1)).reshape(L * Wp.shape[0], D)  # (L·H1, D): W_p ⊙ k_l
+            h = F.linear(query[idx], w_kq).view(len(idx), L, -1).add_(kt[g]).add_(qt[idx].unsqueeze(1))  # (n_g, L, H1)
+            w = self.mlp[1:](h.flatten(0, 1)).view(len(idx), L).masked_fill(~mask[g], 0.0)  # (n_g, L)
+            pooled[idx] = w @ keys[g]  # (n_g, D)
+            weights[idx] = w
+        return pooled, weights
 
 
 class TargetAttention(nn.Module):

@@ -7,7 +7,8 @@ list R and ground-truth set G,
     NDCG@N    = DCG / IDCG, binary relevance, DCG = Σ_hits 1 / log2(rank + 1) (rank from 1),
                 IDCG over min(|G|, N) hits.
 AUC counts tied positive/negative pairs as 1/2 (average ranks); GAUC is the per-user AUC
-weighted by the user's number of impressions, users with one class only skipped.
+weighted by the user's number of impressions, users with one class only skipped. Log loss
+is the mean binary cross-entropy of the probabilities σ(logit): the calibration beside the order.
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     n_pos, n_neg, rank_sum = n_pos[both], n_neg[both], rank_sum[both]
     per_group = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
     return float(np.average(per_group, weights=size[both]))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of click probabilities σ(logit), in nats; computed from the
+    logits (log σ(x) = -log(1 + e^-x)), so confident logits never give log(0)."""
+    labels, logits = _check_labels_scores(labels, logits)
+    if labels.size == 0:
+        raise ValueError("log loss needs at least one label")
+    signed = np.where(labels, logits, -logits)  # the logit of the observed label
+    return float(np.logaddexp(0.0, -signed).mean())  # -log σ(signed)
 
 
 def _check_labels_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -362,21 +362,23 @@ class Recommender:
                 rec.channel[past] = -1
         return rec, it
 
-    def rank(self, hist: Histories, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rank(self, hist: Histories, candidates: np.ndarray,
+             retrieval_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ranking stage: each history's candidates (R, M) item indices (0 = none) ordered
-        by the ranker; the permutation (R, M) and the logits in that order."""
+        by the ranker, its logits fused with the candidates' retrieval scores (R, M) when given
+        and the ranker has a retrieval weight; the permutation (R, M) and the scores in that order."""
         from retrieval.ranking.scoring import rerank
 
         if self.ranker is None:
             raise RequestError("rank: no ranker is loaded")
-        return rerank(self.ranker.model, self.dataset, hist, candidates)
+        return rerank(self.ranker.model, self.dataset, hist, candidates, retrieval_scores)
 
     def _rerank(self, h: Histories, recs: Recommendations, rows: np.ndarray, m: np.ndarray) -> np.ndarray:
         """Reorder rows of `recs` in place by the ranker (each row's first m[r] candidates);
         returns the logits (len(rows), width) in the new order."""
         width = int(m.max())
         cand = recs.items[rows, :width]  # entries past a row's own M are already 0
-        order, logits = self.rank(h.take(rows), cand)  # (R, width)
+        order, logits = self.rank(h.take(rows), cand, recs.scores[rows, :width])  # (R, width)
         for name in ("items", "scores", "interest") + (("channel",) if recs.channel is not None else ()):
             x = getattr(recs, name)
             x[rows, :width] = np.take_along_axis(x[rows, :width], order, 1)

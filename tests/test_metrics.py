@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval.metrics import auc, gauc, mean_metrics, topn_metrics
+from retrieval.metrics import auc, gauc, log_loss, mean_metrics, topn_metrics
 
 L3, L4, L5 = math.log2(3), math.log2(4), math.log2(5)
 
@@ -149,3 +149,13 @@ def test_gauc_rejects_no_usable_group():
         gauc(np.array([0, 0, 1]), np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="groups has shape"):
         gauc(np.array([0, 0]), np.array([1, 0, 0]), np.array([0.1, 0.2, 0.3]))
+
+
+def test_log_loss_by_hand_and_stable_for_confident_logits():
+    # labels 1, 0 with logits 0 and ln 3: -(log 0.5 + log(1 - 0.75)) / 2 = (ln 2 + ln 4) / 2
+    assert log_loss(np.array([1, 0]), np.array([0.0, math.log(3)])) == pytest.approx((math.log(2) + math.log(4)) / 2)
+    # a confident right answer costs ~0, a confident wrong one ~|logit|, never inf
+    assert log_loss(np.array([1, 0]), np.array([800.0, -800.0])) == pytest.approx(0.0, abs=1e-300)
+    assert log_loss(np.array([1]), np.array([-800.0])) == pytest.approx(800.0)
+    with pytest.raises(ValueError, match="at least one label"):
+        log_loss(np.zeros(0), np.zeros(0))

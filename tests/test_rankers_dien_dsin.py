@@ -409,9 +409,9 @@ def dsin_mask() -> torch.Tensor:
     return m  # row 4: no sessions
 
 
-@pytest.mark.parametrize("attention", ["bilinear", "mlp"])
-def test_empty_sessions_get_zero_weight_and_never_matter(attention):
-    model = dsin(attention=attention)  # training mode: Dice's batch statistics included
+@pytest.mark.parametrize("attention,pool", [("bilinear", "mean"), ("mlp", "mean"), ("bilinear", "target")])
+def test_empty_sessions_get_zero_weight_and_never_matter(attention, pool):
+    model = dsin(attention=attention, session_pool=pool)  # training mode: Dice's batch statistics included
     mask = dsin_mask()
     batch = session_batch(mask)
     z = model.attend(batch)
@@ -462,9 +462,54 @@ def test_session_interest_is_the_mean_over_real_behaviours():
 def test_dsin_checks_heads_and_session_shape():
     with pytest.raises(ValueError, match="heads=3"):
         dsin(heads=3)
-    batch = session_batch(torch.ones(2, 3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"\(B, 4, 3\)"):
-        dsin().score(batch)
+    with pytest.raises(ValueError, match="session_pool='max'"):
+        dsin(session_pool="max")
+    for shape in ((2, 3, 3), (2, 4, 4)):  # other S, or more than T positions
+        with pytest.raises(ValueError, match=r"\(B, 4, 3\)"):
+            dsin().score(session_batch(torch.ones(*shape, dtype=torch.bool)))
+
+
+def test_dsin_accepts_fewer_positions_than_t_when_they_are_padding():
+    """make_rank_batch drops trailing positions that are padding in every session: same scores."""
+    model = dsin().eval()
+    mask = dsin_mask()
+    mask[:, :, 2] = False  # the third position is padding everywhere
+    batch = session_batch(mask)
+    cut = replace(batch, sessions=batch.sessions[:, :, :2], session_mask=mask[:, :, :2])
+    torch.testing.assert_close(model.score(cut), model.score(batch), rtol=0, atol=1e-6)
+
+
+def test_session_transformer_runs_on_real_behaviours_like_the_dense_layer():
+    """The position-wise layers on real behaviours only: the dense post-norm layer's values there."""
+    from retrieval.layers import masked_softmax
+
+    model = dsin()
+    ext = model.extractor
+    mask = dsin_mask()
+    x = torch.randn(*mask.shape, 8, generator=torch.Generator().manual_seed(2))
+    out = ext(x, mask)
+    B, S, T, D = x.shape
+    q, k, v = ext.qkv(x).view(B, S, T, 3, 2, D // 2).permute(3, 0, 1, 4, 2, 5)
+    w = masked_softmax(q @ k.transpose(-1, -2) / (D // 2) ** 0.5, mask[:, :, None, None, :], dim=-1)
+    h = ext.norm1(x + ext.out((w @ v).permute(0, 1, 3, 2, 4).reshape(B, S, T, D)))
+    dense = ext.norm2(h + ext.ffn(h))
+    torch.testing.assert_close(out[mask], dense[mask])
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+
+
+def test_target_pooling_reads_a_single_session_per_candidate():
+    """With one session, the paper's mean makes the session interest blind to the candidate;
+    session_pool="target" makes it depend on the candidate (DIN's activation unit)."""
+    mask = torch.zeros(1, 4, 3, dtype=torch.bool)
+    mask[0, 3] = True  # one session of three behaviours
+    batch = session_batch(mask)
+    for pool, depends in (("mean", False), ("target", True)):
+        model = dsin(session_pool=pool).eval()
+        a = model.attend(replace(batch, candidate=torch.tensor([1])))
+        b = model.attend(replace(batch, candidate=torch.tensor([2])))
+        assert torch.allclose(a["I"], b["I"]) is not depends
+        assert torch.allclose(a["U_I"], b["U_I"]) is not depends
+        assert torch.equal(a["I"][0, :3], torch.zeros(3, 8))  # empty slots stay 0
 
 
 # ---------------------------------------------------------------- both: they learn

@@ -119,6 +119,10 @@ def test_prelu_is_selectable_instead_of_dice():
     assert not any(isinstance(m, Dice) for m in prelu_model.modules())
     assert sum(isinstance(m, nn.PReLU) for m in prelu_model.modules()) == 4
     assert prelu_model.score(problem(0, B=8)).shape == (8,)
+    # scoring (eval mode) too: PReLU's channels are the last dimension, whatever the history length
+    batch = problem(0, B=8)
+    train_scores = prelu_model.score(batch)
+    assert torch.allclose(prelu_model.eval().score(batch), train_scores, atol=1e-5)  # no batch statistics in PReLU
 
 
 # ---------------------------------------------------------------- mini-batch-aware L2
@@ -375,3 +379,58 @@ def test_model_overfits_a_tiny_separable_problem(model_cls, config_cls):
         last = model.losses(batch)  # still in train mode: Dice on batch statistics
     assert last["total"] < 0.5 * first["total"], (first, last)
     assert last["bce"] < 0.5 * first["bce"], (first, last)
+
+
+@pytest.mark.parametrize("model_cls, config_cls", MODELS)
+def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, config_cls):
+    """RankBatch.rows: 3 histories, 12 candidates scored against them (DIN's and the base's
+    shared-history path, or per_row() for DMIN) give each candidate the score of its own row."""
+    torch.manual_seed(0)
+    model = model_cls(small(config_cls), item_features())
+    model.loss(problem(3))  # move Dice's running statistics away from their start
+    model.eval()
+    hist = problem(21, B=3)
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
+    shared = replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
+    own = shared.per_row()
+    assert own.rows is None and own.history.shape == (12, 6)
+    assert torch.equal(own.history, hist.history[rows]) and torch.equal(own.user_features["g"], hist.user_features["g"][rows])
+    torch.testing.assert_close(model.score(shared), model.score(own), rtol=1e-5, atol=1e-6)
+    if model_cls is DIN:  # the weights too
+        _, w_shared, _ = model.interest(shared)
+        _, w_own, _ = model.interest(own)
+        torch.testing.assert_close(w_shared, w_own, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w_shared == 0, ~own.mask)
+    with pytest.raises(RuntimeError, match="scoring path"):
+        ActivationUnit(4).train().pool_shared(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.ones(1, 2, dtype=torch.bool),
+                                              torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model_cls, config_cls", MODELS)
+def test_training_loss_of_shared_histories_is_the_loss_of_their_own_rows(model_cls, config_cls):
+    """A training step's groups (a positive and its negatives share one history, RankBatch.rows,
+    every group the same size) give the loss, auxiliary loss included, and the gradients of the
+    same rows with a history each (DMIN refines each distinct history once)."""
+    hist = problem(31, B=3)
+    rows = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])  # 3 groups of 4
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(6))
+    label = (torch.arange(12) < 3).float()
+    shared = replace(hist, candidate=candidate, rows=rows, label=label)
+    own = shared.per_row()
+    assert torch.equal(own.neg_history, hist.neg_history[rows])
+    config = small(config_cls)
+    if hasattr(config, "aux_weight"):
+        config = replace(config, aux_weight=1.0)
+    torch.manual_seed(0)
+    model = model_cls(config, item_features()).train()
+    got, want = model.losses(shared), model.losses(own)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    if "aux" in want:
+        assert want["aux"] > 0
+    grads = torch.autograd.grad(got["total"], list(model.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(model.losses(own)["total"], list(model.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -35,9 +35,10 @@ class EmbeddingMLP(ClickModel):
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
-        history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
-        e = self.items(history)  # (B, L, D), zero on padding
-        pooled = e.sum(1)  # (B, D)
+        history = batch.history.masked_fill(~batch.mask, 0)  # (H, L), padding -> item 0 (H = B without rows)
+        pooled = self.items(history).sum(1)  # (H, D): each history once
+        if batch.rows is not None:
+            pooled = pooled.index_select(0, batch.rows)  # (B, D)
         cand = self.items(batch.candidate)  # (B, D)
         return self.mlp_logit([pooled, cand], batch)
 

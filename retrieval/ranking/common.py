@@ -1,7 +1,9 @@
 """What every ranker shares: the batch, the item and profile encoders, the MBA regulariser.
 
 A ranker scores (history, candidate) pairs: `score(batch) -> (B,)` logits and
-`loss(batch) -> ()`. Item representations concatenate the id embedding with the pooled
+`loss(batch) -> ()`. Scoring batches may share histories between candidates (`RankBatch.rows`,
+M candidates of one user): a model reads them through `batch.per_row()` unless it has a
+shared-history path of its own (DIN, the base model). Item representations concatenate the id embedding with the pooled
 side-feature embeddings (DIN's goods_id ⊕ cate_id), so D_item = dim * (1 + F).
 
 Shapes: B batch, L history length, D dimension, S sessions, T items per session.
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.layers import PooledEmbedding, encode_distinct
+from retrieval.layers import PooledEmbedding, distinct_rows, encode_distinct
 
 
 @dataclass
@@ -30,6 +32,20 @@ class RankBatch:
     neg_history: Tensor | None = None  # (B, L) int64 sampled non-clicked items beside each behaviour (aux losses)
     sessions: Tensor | None = None  # (B, S, T) int64 item indices per session (DSIN), 0-padded
     session_mask: Tensor | None = None  # (B, S, T) bool
+    rows: Tensor | None = None  # (B,) int64: candidate b is scored against history rows[b]; None = its own row
+
+    def per_row(self) -> "RankBatch":
+        """The batch with one history per candidate. With `rows` (scoring M candidates of one
+        history: history, mask, user_features and sessions then hold H distinct histories, and
+        rows (B,) picks one for each candidate) the histories are gathered out to B rows; a
+        model without a shared-history path calls this first. Itself when rows is None."""
+        if self.rows is None:
+            return self
+        take = lambda t: None if t is None else t.index_select(0, self.rows)  # noqa: E731
+        return RankBatch(history=take(self.history), mask=take(self.mask), candidate=self.candidate,
+                         user_features={f: take(v) for f, v in self.user_features.items()}, label=self.label,
+                         neg_history=take(self.neg_history), sessions=take(self.sessions),
+                         session_mask=take(self.session_mask))
 
 
 @dataclass
@@ -44,6 +60,7 @@ class RankerConfig:
     hidden: tuple[int, ...] = (200, 80)  # final MLP widths
     act: str = "dice"  # activation of the MLPs: dice, prelu or relu
     l2: float = 0.0  # mini-batch-aware L2 strength on the embeddings (0 = off)
+    retrieval_weight: float = 0.0  # w of the fused order logit + w × standardised retrieval score (scoring.fuse); chosen on validation users after training, 0 = the ranker alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +92,11 @@ class ItemEncoder(nn.Module):
 
         Each distinct item of the call is encoded once and then gathered (`encode_distinct`)."""
         return encode_distinct(self._encode, ids)
+
+    def distinct(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The representation of each distinct item of `ids` (U, D_item) and each id's row
+        (ids.shape): `layers.gather_rows(rows, inverse)` is forward(ids)."""
+        return distinct_rows(self._encode, ids)
 
     def _encode(self, ids: Tensor) -> Tensor:
         parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]
@@ -171,9 +193,13 @@ class ClickModel(nn.Module):
         self.profile = ProfileEncoder(config)  # (B, P) profile embedding
 
     def mlp_logit(self, parts: list[Tensor], batch: RankBatch) -> Tensor:
-        """Logits (B,) of self.mlp over the parts ⊕ the profile embedding (when there is a profile)."""
+        """Logits (B,) of self.mlp over the parts ⊕ the profile embedding (when there is a profile;
+        one per history, gathered by batch.rows when candidates share histories)."""
         if self.profile.out_dim:
-            parts = [*parts, self.profile(batch.user_features, len(parts[0]))]  # (B, dim * F_user)
+            profile = self.profile(batch.user_features, len(batch.history))  # (H, dim * F_user)
+            if batch.rows is not None:
+                profile = profile.index_select(0, batch.rows)  # (B, dim * F_user)
+            parts = [*parts, profile]
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
 
     def set_frequencies(self, item_counts: Tensor, feature_counts: dict[str, Tensor] | None = None) -> None:

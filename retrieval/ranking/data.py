@@ -75,16 +75,23 @@ def make_rank_batch(
     neg_history: bool = False,
     sessions: SessionSpec | None = None,
     seqs: Sequences | None = None,
+    rows: np.ndarray | None = None,
 ) -> RankBatch:
     """A ranker batch: history before position ends[b] of row users[b], scored against candidates[b].
 
     The histories are read from `seqs`: the dataset itself by default (users[b] is then a user
     index), or a Histories of request-time behaviours (users[b] is then its row, and the
     row's user, -1 for one not in the dataset, gives the profile). `touched` is needed only
-    for negative histories (training)."""
+    for negative histories (training). With `rows` (B,), users / ends describe H distinct
+    histories and candidate b is scored against history rows[b] (`RankBatch.rows`): scoring M
+    candidates of one history gathers and encodes it once. Histories are left-aligned, so the history tensors are
+    (B, L') with L' the longest history of the batch (at most max_len): a batch of short
+    histories (one new user's request) costs what its behaviours cost."""
     seqs = ds if seqs is None else seqs
     profile_users = seqs.users[users] if isinstance(seqs, Histories) else users
     hist, mask = gather_histories(seqs, users, ends, max_len)
+    width = max(int(mask.sum(1).max(initial=0)), 1)  # trailing columns that are padding in every row: dropped
+    hist, mask = hist[:, :width], mask[:, :width]  # (B, L') with L' <= L: the same scores, less work
     feats = profile_features(ds, profile_users)
     batch = RankBatch(
         history=torch.from_numpy(hist),
@@ -92,6 +99,7 @@ def make_rank_batch(
         candidate=torch.from_numpy(candidates.astype(np.int64)),
         user_features=feats,
         label=None if labels is None else torch.from_numpy(labels.astype(np.float32)),
+        rows=None if rows is None else torch.from_numpy(rows.astype(np.int64)),
     )
     if neg_history:
         assert rng is not None and touched is not None, "negative histories need a random generator and touched items"
@@ -100,11 +108,12 @@ def make_rank_batch(
     if sessions is not None:
         from retrieval.ranking.sessions import divide_sessions
 
-        s_items, s_mask = divide_sessions(
-            seqs.items, seqs.times, seqs.offsets[users], ends, sessions.gap, sessions.sessions, sessions.per_session
-        )
-        batch.sessions = torch.from_numpy(s_items.astype(np.int64))
-        batch.session_mask = torch.from_numpy(s_mask)
+        first = np.maximum(ends - max_len, 0)  # the sessions of the same last L behaviours the history holds
+        s_items, s_mask = divide_sessions(seqs.items, seqs.times, seqs.offsets[users] + first, ends - first,
+                                          sessions.gap, sessions.sessions, sessions.per_session)
+        width = max(int(s_mask.sum(2).max(initial=0)), 1)  # positions that are padding in every session: dropped
+        batch.sessions = torch.from_numpy(s_items[:, :, :width].astype(np.int64))
+        batch.session_mask = torch.from_numpy(s_mask[:, :, :width])
     return batch
 
 

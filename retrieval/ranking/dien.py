@@ -123,9 +123,11 @@ class DIEN(ClickModel):
         xg = self.evolution.x2g(x)  # (B, L, 3G)
         m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         state = h.new_zeros(h.shape[0], h.shape[2])  # (B, G)
-        for t in range(h.shape[1]):
-            new = self.evolution.step(xg[:, t], state, a[:, t])
-            state = m[:, t] * new + (1 - m[:, t]) * state
+        # unbind once: indexing [:, t] in the loop would make each step's backward write a
+        # zero (B, L, ·) gradient, O(L²) work that took most of a training step
+        for xg_t, a_t, m_t in zip(xg.unbind(1), a.unbind(1), m.unbind(1)):  # (B, 3G), (B,), (B, 1)
+            new = self.evolution.step(xg_t, state, a_t)
+            state = m_t * new + (1 - m_t) * state
         return state
 
     def aux_loss(self, h: Tensor, e: Tensor, neg: Tensor, mask: Tensor) -> Tensor:
@@ -140,6 +142,7 @@ class DIEN(ClickModel):
 
     def _forward(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
         """-> logits (B,), interest states h (B, L, G), behaviour embeddings e (B, L, D)."""
+        batch = batch.per_row()
         mask = batch.mask
         e = self.items(batch.history.masked_fill(~mask, 0))  # (B, L, D), zero on padding
         cand = self.items(batch.candidate)  # (B, D)
@@ -157,6 +160,7 @@ class DIEN(ClickModel):
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2
         (aux = 0 when aux_weight = 0, l2 = 0 when config.l2 = 0)."""
+        batch = batch.per_row()
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")

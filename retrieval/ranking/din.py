@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retrieval.layers import ActivationUnit, act_mlp
+from retrieval.layers import ActivationUnit, act_mlp, gather_rows
 from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 
 
@@ -57,11 +57,25 @@ class DIN(ClickModel):
 
     def interest(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Candidate-activated interest (B, D), activation weights (B, L) (0 on padding, not
-        normalised), candidate representation (B, D)."""
+        normalised), candidate representation (B, D).
+
+        Scoring many candidates of one history (batch.rows, eval mode) takes the unit's shared-
+        history path: each history's behaviours are encoded once and never copied per candidate."""
+        if batch.rows is not None and not self.training:
+            history = batch.history.masked_fill(~batch.mask, 0)  # (H, L) distinct histories
+            rows, inverse = self.items.distinct(history)  # (U, D), (H, L)
+            e = gather_rows(rows, inverse)  # (H, L, D)
+            key_term = gather_rows(self.attention.key_term(rows), inverse)  # (H, L, H1)
+            cand = self.items(batch.candidate)  # (B, D)
+            pooled, w = self.attention.pool_shared(e, cand, batch.mask, batch.rows, key_term)  # (B, D), (B, L)
+            return pooled, w, cand
+        batch = batch.per_row()
         history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
-        e = self.items(history)  # (B, L, D), zero on padding
+        rows, inverse = self.items.distinct(history)  # (U, D) each distinct behaviour once, (B, L)
+        e = gather_rows(rows, inverse)  # (B, L, D), zero on padding
+        key_term = gather_rows(self.attention.key_term(rows), inverse)  # (B, L, H1) per distinct item, gathered
         cand = self.items(batch.candidate)  # (B, D)
-        pooled, w = self.attention(e, cand, batch.mask)  # (B, D), (B, L)
+        pooled, w = self.attention(e, cand, batch.mask, key_term)  # (B, D), (B, L)
         return pooled, w, cand
 
     def score(self, batch: RankBatch) -> Tensor:

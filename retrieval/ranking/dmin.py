@@ -109,13 +109,14 @@ class BehaviourRefiner(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, e: Tensor, allowed: Tensor) -> Tensor:
-        """e (B, L, D), allowed (B, L, L) -> z (B, L, D)."""
+    def forward(self, e: Tensor, allowed: Tensor, mask: Tensor) -> Tensor:
+        """e (B, L, D), allowed (B, L, L), mask (B, L) -> z (B, L, D), 0 on padding (the
+        position-wise layers run on the real behaviours only)."""
         B, L, D = e.shape
         h = multi_head_attention(e, self.qkv, self.heads, allowed)  # (B, H_R, L, D/H_R)
-        h = h.transpose(1, 2).reshape(B, L, D)  # (B, L, D) heads concatenated
-        a = self.norm(e + self.out(h))  # (B, L, D)
-        return a + self.ffn(a)  # (B, L, D)
+        h = h.transpose(1, 2).reshape(B, L, D)[mask]  # (n_real, D) heads concatenated
+        a = self.norm(e[mask] + self.out(h))  # (n_real, D)
+        return e.new_zeros(e.shape).masked_scatter(mask.unsqueeze(-1), a + self.ffn(a))  # (B, L, D)
 
 
 class InterestHead(nn.Module):
@@ -131,22 +132,30 @@ class InterestHead(nn.Module):
         self.unit = ActivationUnit(dim, config.att_hidden, config.att_act)
         self.att_norm = config.att_norm
 
-    def attention_query(self, cand: Tensor, position: Tensor | None) -> Tensor:
-        """W_q [x_t ⊕ p_j] + b for every row and position: cand (B, D), position (L, P) or None
-        -> (B, L, D), or (B, D) without positions. Computed as W_c x_t + W_p p_j, so the
-        (B, L, D + P) concatenation is never built."""
+    def attention_query(self, cand: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """W_q [x_t ⊕ p_j] + b as its two parts: W_c x_t + b per row (B, D) and W_p p_j per
+        position (L, D) (None without positions); the query of row b at position j is their sum,
+        so the (B, L, D + P) concatenation is never built."""
         D = cand.shape[-1]
         q = F.linear(cand, self.query.weight[:, :D], self.query.bias)  # (B, D)
         if position is None:
-            return q
-        return q.unsqueeze(1) + F.linear(position, self.query.weight[:, D:]).unsqueeze(0)  # (B, L, D)
+            return q, None
+        return q, F.linear(position, self.query.weight[:, D:])  # (B, D), (L, D)
 
     def forward(self, head: Tensor, z: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
         """head (B, L, D/H), z (B, L, D), cand (B, D), position (L, P) encodings or None, mask (B, L)
-        -> interest (B, D), weights (B, L) (0 on padding)."""
-        i = self.norm(z + self.out(head))  # (B, L, D)
-        i = (i + self.ffn(i)) * mask.unsqueeze(-1)  # (B, L, D), zero on padding
-        interest, w = self.unit(i, self.attention_query(cand, position), mask)  # (B, D), (B, L)
+        -> interest (B, D), weights (B, L) (0 on padding). The position-wise layers run on the
+        real behaviours only."""
+        i = self.norm(z[mask] + self.out(head[mask]))  # (n_real, D)
+        i = z.new_zeros(z.shape).masked_scatter(mask.unsqueeze(-1), i + self.ffn(i))  # (B, L, D), zero on padding
+        q_row, q_pos = self.attention_query(cand, position)  # (B, D), (L, D) or None
+        if q_pos is None:
+            query, query_term = q_row, None
+        else:  # the unit's query term is linear: per row + per position, never (B, L, D) x (D, H1)
+            L = i.shape[1]
+            query = q_row.unsqueeze(1) + q_pos[:L].unsqueeze(0)  # (B, L, D)
+            query_term = self.unit.query_term(q_row).unsqueeze(1) + self.unit.query_term(q_pos[:L], bias=False)
+        interest, w = self.unit(i, query, mask, query_term=query_term)  # (B, D), (B, L)
         if self.att_norm == "softmax":
             w = masked_softmax(w, mask, dim=1)  # (B, L)
             interest = (w.unsqueeze(-1) * i).sum(1)  # (B, D)
@@ -192,47 +201,63 @@ class DMIN(ClickModel):
 
 
     def _refine(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D), attention mask (B, L, L)."""
+        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D) (0 on padding), attention mask (B, L, L)."""
         L = batch.history.shape[1]
         if self.extractor.position is not None and L > self.config.max_len:
             raise ValueError(f"history length {L} exceeds max_len={self.config.max_len} (position table)")
         history = batch.history.masked_fill(~batch.mask, 0)  # (B, L), padding -> item 0
         allowed = attention_mask(batch.mask)  # (B, L, L)
         e = self.items(history)  # (B, L, D), zero on padding
-        return e, self.refiner(e, allowed), allowed
+        return e, self.refiner(e, allowed, batch.mask), allowed
 
     def _logit(self, batch: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
         cand = self.items(batch.candidate)  # (B, D)
         interests, _ = self.extractor(z, cand, batch.mask, allowed)  # (B, H_E, D)
         return self.mlp_logit([interests.flatten(1), cand], batch)  # (B, H_E * D), (B, D)
 
+    def _refine_shared(self, batch: RankBatch) -> tuple[RankBatch, Tensor, Tensor, Tensor, Tensor]:
+        """The refiner runs once per distinct history (it never sees the candidate): -> the batch
+        with one history per candidate, then e (H, L, D) and z (H, L, D) of the H distinct
+        histories, and z (B, L, D), allowed (B, L, L) gathered per candidate (`RankBatch.rows`;
+        H = B and nothing is gathered without rows)."""
+        e, z, allowed = self._refine(batch)
+        if batch.rows is None:
+            return batch, e, z, z, allowed
+        rows = batch.rows
+        return batch.per_row(), e, z, z.index_select(0, rows), allowed.index_select(0, rows)
+
     def refine(self, batch: RankBatch) -> Tensor:
-        """Refined behaviours z (B, L, D) (values at padded positions are meaningless)."""
-        return self._refine(batch)[1]
+        """Refined behaviours z (B, L, D) (0 at padded positions)."""
+        return self._refine_shared(batch)[3]
 
     def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
         """The H_E candidate-activated interests (B, H_E, D) and their weights (B, H_E, L)."""
-        _, z, allowed = self._refine(batch)
+        batch, _, _, z, allowed = self._refine_shared(batch)
         return self.extractor(z, self.items(batch.candidate), batch.mask, allowed)
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
-        _, z, allowed = self._refine(batch)
+        batch, _, _, z, allowed = self._refine_shared(batch)
         return self._logit(batch, z, allowed)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
-        """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2."""
+        """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2.
+
+        With shared histories (`RankBatch.rows`, a positive and its negatives) the auxiliary
+        loss is taken over the distinct histories: every group has the same number of rows in
+        training, so its mean is the per-row one."""
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
-        e, z, allowed = self._refine(batch)
+        shared = batch
+        batch, e, z_shared, z, allowed = self._refine_shared(batch)
         logits = self._logit(batch, z, allowed)
         ids = [batch.history.masked_fill(~batch.mask, 0), batch.candidate]
         aux = logits.new_zeros(())
         if c.aux_weight:
-            if batch.neg_history is None:
+            if shared.neg_history is None:
                 raise ValueError("batch.neg_history is None: DMIN's auxiliary loss needs sampled negatives")
-            negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
-            aux = auxiliary_loss(z, e, self.items(negatives), batch.mask)
-            ids.append(negatives)
+            negatives = shared.neg_history.masked_fill(~shared.mask, 0)  # (H, L)
+            aux = auxiliary_loss(z_shared, e, self.items(negatives), shared.mask)
+            ids.append(batch.neg_history.masked_fill(~batch.mask, 0))  # (B, L): the regulariser's ids per row
         return self.click_losses(logits, batch, ids, aux, c.aux_weight)

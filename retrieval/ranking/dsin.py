@@ -12,6 +12,8 @@
    then a position-wise feed-forward network, each with a residual connection and layer
    normalisation (Vaswani et al.'s post-norm layer); the outputs are averaged over the
    session's real behaviours: I_k (B, S, D). An empty session gives I_k = 0, never NaN.
+   `session_pool="target"` pools them instead with DIN's activation unit against the
+   candidate (see below).
 4. Session interest interacting layer (eq. 6): a bidirectional LSTM over the non-empty
    sessions, oldest to newest (packed, so empty sessions never move it):
    H_k = →h_k ⊕ ←h_k (B, S, 2·hidden).
@@ -24,7 +26,19 @@
 
 The model reads only the mask, so it accepts any layout of sessions and positions (the
 bias encoding indexes the slots as given; divide_sessions right-aligns the sessions so
-that slot S - 1 is always the newest).
+that slot S - 1 is always the newest). Only the non-empty sessions and, inside the
+transformer's position-wise layers, only their real behaviours are computed; a batch whose
+sessions are all shorter than T may come with fewer than T positions (T' <= T).
+
+Where sessions are few and long (MovieLens: users rated in bursts; 60 % of users have a
+single 30-minute session), the paper's model has little to work with: the mean over one
+session does not depend on the candidate, so with one session DSIN's user vector is as
+blind to the candidate as the embedding + MLP base model's, and T = 10 keeps only the 10
+latest behaviours of a 50-behaviour burst. `session_pool="target"` (our change, not the
+paper's) replaces the mean by DIN's activation unit over the session's transformer outputs,
+so with one session DSIN reads its behaviours as DIN does, and with several sessions it
+keeps the Bi-LSTM and the attention over sessions; `session_len` = L lets one session hold
+every behaviour DIN reads.
 
 Shapes: B batch, S sessions, T items per session, D item size (D_item), H heads.
 """
@@ -38,7 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from retrieval.layers import TargetAttention, masked_softmax, act_mlp
+from retrieval.layers import ActivationUnit, TargetAttention, masked_softmax, act_mlp
 from retrieval.ranking.common import ClickModel, RankBatch, RankerConfig
 from retrieval.ranking.sessions import DEFAULT_GAP
 
@@ -53,6 +67,8 @@ class DSINConfig(RankerConfig):
     lstm_hidden: int | None = None  # size of each LSTM direction; None = D_item
     attention: Literal["bilinear", "mlp"] = "bilinear"  # eqs. 7-9's I_k W X^I, or a DIN-style MLP
     attention_hidden: tuple[int, ...] = (64, 16)  # widths of the attention MLPs ("mlp" only)
+    session_pool: Literal["mean", "target"] = "mean"  # I_k: mean over the session (paper, eq. 5) or DIN's activation unit against the candidate
+    pool_hidden: tuple[int, ...] = (36,)  # activation-unit widths of session_pool="target"
 
 
 class BiasEncoding(nn.Module):
@@ -72,7 +88,9 @@ class SessionTransformer(nn.Module):
     """One post-norm transformer layer applied to every session independently (DSIN eqs. 3-4).
 
     Self-attention keys are the session's real behaviours only; an empty session's
-    attention weights are all zero (masked_softmax), so its outputs stay finite.
+    attention weights are all zero (masked_softmax), so its outputs stay finite. The
+    position-wise layers (projections, layer norms, feed-forward network) run on the real
+    behaviours alone; outputs at padded positions are 0.
     """
 
     def __init__(self, D: int, heads: int, ffn_mult: int = 4):
@@ -87,15 +105,18 @@ class SessionTransformer(nn.Module):
         self.norm2 = nn.LayerNorm(D)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, S, T, D), mask (B, S, T) -> (B, S, T, D)."""
-        B, S, T, D = x.shape
+        """x (..., T, D), mask (..., T) -> (..., T, D), 0 at padded positions."""
+        *lead, T, D = x.shape
         H = self.heads
-        q, k, v = self.qkv(x).view(B, S, T, 3, H, D // H).permute(3, 0, 1, 4, 2, 5)  # each (B, S, H, T, D/H)
-        logits = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (B, S, H, T, T)
-        w = masked_softmax(logits, mask[:, :, None, None, :], dim=-1)  # (B, S, H, T, T)
-        heads = (w @ v).permute(0, 1, 3, 2, 4).reshape(B, S, T, D)  # Concat(head_1..head_H)
-        x = self.norm1(x + self.out(heads))
-        return self.norm2(x + self.ffn(x))
+        real = x[mask]  # (n, D) the real behaviours
+        qkv = x.new_zeros(*lead, T, 3 * D).masked_scatter(mask.unsqueeze(-1), self.qkv(real))  # (..., T, 3D)
+        q, k, v = qkv.view(*lead, T, 3, H, D // H).movedim(-3, 0).transpose(-2, -3)  # each (..., H, T, D/H)
+        logits = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (..., H, T, T)
+        w = masked_softmax(logits, mask.unsqueeze(-2).unsqueeze(-2), dim=-1)  # (..., H, T, T)
+        heads = (w @ v).transpose(-2, -3).reshape(*lead, T, D)[mask]  # (n, D) Concat(head_1..head_H)
+        y = self.norm1(real + self.out(heads))  # (n, D)
+        y = self.norm2(y + self.ffn(y))  # (n, D)
+        return x.new_zeros(x.shape).masked_scatter(mask.unsqueeze(-1), y)
 
 
 class DSIN(ClickModel):
@@ -109,18 +130,31 @@ class DSIN(ClickModel):
         self.bias = BiasEncoding(c.sessions, c.session_len, D)
         self.extractor = SessionTransformer(D, c.heads, c.ffn_mult)
         self.lstm = nn.LSTM(D, Hl, batch_first=True, bidirectional=True)
+        if c.session_pool not in ("mean", "target"):
+            raise ValueError(f"session_pool={c.session_pool!r}; use mean or target")
+        self.pool = ActivationUnit(D, c.pool_hidden, c.act) if c.session_pool == "target" else None
         self.att_interest = TargetAttention(D, D, c.attention, c.attention_hidden, c.act)
         self.att_lstm = TargetAttention(2 * Hl, D, c.attention, c.attention_hidden, c.act)
         self.head = act_mlp(D + 2 * Hl + D + self.profile.out_dim, c.hidden, c.act)
 
 
-    def session_interests(self, sessions: Tensor, mask: Tensor) -> Tensor:
-        """sessions, mask (B, S, T) -> I (B, S, D): the transformer's outputs averaged over
-        each session's real behaviours (0 for an empty session)."""
-        q = self.items(sessions.masked_fill(~mask, 0)) + self.bias()  # (B, S, T, D)
-        out = self.extractor(q, mask)  # (B, S, T, D)
-        m = mask.unsqueeze(-1).to(out.dtype)  # (B, S, T, 1)
-        return (out * m).sum(2) / m.sum(2).clamp(min=1)  # (B, S, D)
+    def session_interests(self, sessions: Tensor, mask: Tensor, cand: Tensor | None = None) -> Tensor:
+        """sessions, mask (B, S, T') -> I (B, S, D): each non-empty session's transformer outputs
+        averaged over its real behaviours, or (session_pool="target") pooled by the activation
+        unit against the candidate cand (B, D); 0 for an empty session."""
+        B, S, T = mask.shape
+        present = mask.any(-1)  # (B, S)
+        row, slot = present.nonzero(as_tuple=True)  # (P,) each non-empty session's row and slot
+        m = mask[row, slot]  # (P, T')
+        q = self.items(sessions[row, slot].masked_fill(~m, 0)) + self.bias()[slot, :T]  # (P, T', D)
+        out = self.extractor(q, m)  # (P, T', D), 0 on padding
+        if self.pool is None:
+            pooled = out.sum(1) / m.sum(1, keepdim=True).to(out.dtype)  # (P, D)
+        else:
+            if cand is None:
+                raise ValueError('session_pool="target" needs the candidate')
+            pooled, _ = self.pool(out, cand[row], m)  # (P, D)
+        return out.new_zeros(B, S, out.shape[-1]).index_put((row, slot), pooled)  # (B, S, D)
 
     def interact(self, interests: Tensor, present: Tensor) -> Tensor:
         """Bi-LSTM over the non-empty sessions in slot order: interests (B, S, D),
@@ -138,16 +172,17 @@ class DSIN(ClickModel):
     def attend(self, batch: RankBatch) -> dict[str, Tensor]:
         """The layers up to the activating units: interests I (B, S, D), LSTM states H
         (B, S, 2·hidden), their weights (B, S) and pooled vectors U^I (B, D), U^H (B, 2·hidden)."""
+        batch = batch.per_row()
         sessions, mask = batch.sessions, batch.session_mask
         if sessions is None or mask is None:
             raise ValueError("DSIN needs batch.sessions and batch.session_mask (see sessions.divide_sessions)")
-        shape = (self.config.sessions, self.config.session_len)
-        if tuple(sessions.shape[1:]) != shape or sessions.shape != mask.shape:
+        S, T = self.config.sessions, self.config.session_len
+        if sessions.dim() != 3 or sessions.shape[1] != S or sessions.shape[2] > T or sessions.shape != mask.shape:
             got = f"sessions {tuple(sessions.shape)} / session_mask {tuple(mask.shape)}"
-            raise ValueError(f"{got} must be (B, {shape[0]}, {shape[1]})")
+            raise ValueError(f"{got} must be (B, {S}, {T}) (or fewer than {T} positions)")
         cand = self.items(batch.candidate)  # (B, D)
         present = mask.any(-1)  # (B, S) non-empty sessions
-        I = self.session_interests(sessions, mask)  # (B, S, D)
+        I = self.session_interests(sessions, mask, cand)  # (B, S, D)
         Hk = self.interact(I, present)  # (B, S, 2Hl) the paper's H_k
         UI, aI = self.att_interest(I, cand, present)  # (B, D), (B, S)
         UH, aH = self.att_lstm(Hk, cand, present)  # (B, 2Hl), (B, S)
@@ -155,6 +190,7 @@ class DSIN(ClickModel):
 
     def score(self, batch: RankBatch) -> Tensor:
         """Click logits (B,)."""
+        batch = batch.per_row()
         z = self.attend(batch)
         profile = self.profile(batch.user_features, len(z["cand"])).to(z["cand"])  # (B, P)
         x = torch.cat([z["U_I"], z["U_H"], z["cand"], profile], dim=-1)  # (B, D + 2Hl + D + P)
@@ -162,6 +198,7 @@ class DSIN(ClickModel):
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""
+        batch = batch.per_row()
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
         ids = [batch.sessions.masked_fill(~batch.session_mask, 0), batch.candidate]

@@ -53,6 +53,9 @@ def ranker_config(name: str, ds: Dataset, **settings: Any) -> RankerConfig:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"{name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(known))}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    settings = {k: (v,) if isinstance(defaults.get(k), tuple) and isinstance(v, int) else v  # one MLP width
+                for k, v in settings.items()}
     return cls(
         n_items=ds.n_items,
         item_feature_sizes={f: len(v) for f, v in ds.item_feature_vocab.items()},

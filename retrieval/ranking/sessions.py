@@ -19,7 +19,12 @@ Shapes: B batch (rows, one history each), S sessions, T items per session.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from retrieval.data import Dataset
 
 DEFAULT_GAP = 1800  # seconds: a new session starts after more than 30 minutes of silence
 
@@ -100,3 +105,54 @@ def divide_sessions(
     sessions[r, k, p] = items[pos[keep]]
     mask[r, k, p] = True
     return sessions, mask
+
+
+def session_statistics(ds: "Dataset", max_len: int = 50, gap: float = DEFAULT_GAP, T: int = 10) -> dict[str, float]:
+    """How much session structure a log has for DSIN, over every user's whole sequence:
+    sessions per user, behaviours per session, the share of users with one session, the share
+    of behaviours in sessions longer than T, and within each user's last `max_len`
+    behaviours (what the rankers read) the sessions and the behaviours that S = 5 sessions of
+    T keep. Also the share of consecutive behaviours with the same timestamp (their order
+    inside a session is then the log's tie-break, not the user's)."""
+    lengths = ds.lengths()
+    users = np.arange(ds.n_users)
+    whole, _ = _session_sizes(ds.times, ds.offsets[:-1], lengths, gap)
+    first = np.maximum(lengths - max_len, 0)
+    recent, per_user = _session_sizes(ds.times, ds.offsets[:-1] + first, lengths - first, gap)
+    _, kept = divide_sessions(ds.items, ds.times, ds.offsets[users] + first, lengths - first, gap, 5, T)
+    within = np.ones(max(len(ds.times) - 1, 0), dtype=bool)  # consecutive pairs inside one user's sequence
+    within[ds.offsets[1:-1][(ds.offsets[1:-1] > 0) & (ds.offsets[1:-1] < len(ds.times))] - 1] = False
+    same = (np.diff(ds.times) == 0)[within]
+    counts_whole = np.bincount(whole[1], minlength=ds.n_users)
+    return {
+        "gap_s": float(gap),
+        "users": int(ds.n_users),
+        "sessions_per_user_mean": float(counts_whole.mean()),
+        "sessions_per_user_median": float(np.median(counts_whole)),
+        "users_with_one_session": float((counts_whole == 1).mean()),
+        "behaviours_per_session_mean": float(whole[0].mean()),
+        "behaviours_per_session_median": float(np.median(whole[0])),
+        f"behaviours_in_sessions_longer_than_{T}": float(whole[0][whole[0] > T].sum() / whole[0].sum()),
+        f"sessions_in_last_{max_len}_mean": float(per_user.mean()),
+        f"behaviours_in_last_{max_len}_mean": float((lengths - first).mean()),
+        f"behaviours_kept_by_5_sessions_of_{T}_mean": float(kept.sum((1, 2)).mean()),
+        "same_timestamp_as_previous": float(same.mean()) if len(same) else 0.0,
+    }
+
+
+def _session_sizes(times: np.ndarray, starts: np.ndarray, n: np.ndarray, gap: float
+                   ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """Sizes of every session of the spans times[starts[u] : starts[u] + n[u]] (spans with
+    n >= 1): ((sizes, owner of each session), sessions per span)."""
+    n = np.asarray(n, dtype=np.int64)
+    total = int(n.sum())
+    row = np.repeat(np.arange(len(n)), n)
+    begin = np.cumsum(n) - n
+    t = times[starts[row] + np.arange(total) - begin[row]]
+    opens = np.ones(total, dtype=bool)
+    opens[1:] = np.diff(t) > gap
+    opens[begin[n > 0]] = True
+    sid = np.cumsum(opens) - 1
+    sizes = np.bincount(sid)
+    owner = row[np.flatnonzero(opens)]
+    return (sizes, owner), np.bincount(owner, minlength=len(n))

@@ -1,17 +1,32 @@
-"""Training a ranker: pointwise BCE on positives and sampled negatives, early stopping on
-validation AUC (the protocol's pairs), the best bundle rewritten atomically on improvement.
+"""Training a ranker: pointwise BCE on positives and sampled negatives, to convergence.
+
+Every epoch is validated on the validation users: AUC, GAUC and log loss on the protocol's
+pairs and, when the retrieval stage is given (`RetrievalCandidates`), the two-stage
+NDCG@20 of reranking each validation user's top-M. Early stopping (`EarlyStopping`,
+`patience` epochs) follows the figure named by `monitor`, and the best weights are kept
+(and handed to `on_improve`, which rewrites the bundle atomically).
+
+Negatives (what the ranker learns to push down) mix two sources: items the user never
+touched, drawn uniformly, and the retriever's top-M candidates the user did not take
+(hard negatives: at serving time the ranker only ever sees retrieval's output). Each
+negative comes from the top-M with probability `hard_share`.
+
+After training, with the retrieval stage given and `fuse` on, the weight w of the fused
+order logit + w × standardised retrieval score (`scoring.fuse`) is chosen on the validation
+users' two-stage NDCG@20 (w = 0 keeps the ranker's own order).
 
 On the device of a `Runtime`, and data-parallel under torchrun like MIND's loop: every rank
-draws the same epoch rows and order, takes its share of each global batch and steps
-through `retrieval.train.backward_step`; rank 0 validates."""
+draws the same epoch rows and order, takes its share of each step's groups and steps
+through `retrieval.train.backward_step`; rank 0 validates.
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,41 +34,123 @@ import torch
 from retrieval.data import Dataset, Split
 from retrieval.device import Runtime, compile_loss, to_device
 from retrieval.distributed import GradientSync, average_batch_norm, broadcast_state, check_in_sync, current, from_main, rank_seed, share
+from retrieval.early_stopping import EarlyStopping
 from retrieval.errors import DataError
+from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.progress import progress_bar
 from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, protocol_pairs
 from retrieval.ranking.models import Ranker, build_ranker, needs
-from retrieval.ranking.scoring import pair_metrics
-from retrieval.samples import training_positions
+from retrieval.ranking.scoring import fuse, pair_metrics, score_candidates
+from retrieval.samples import Histories, training_positions
 from retrieval.train import Diverged, LossGuard, backward_step, check_finite_weights, seeded, stop_on_divergence
 
 log = logging.getLogger(__name__)
 
+Monitor = Literal["auc", "gauc", "ndcg@20"]
+MONITORS: tuple[str, ...] = ("auc", "gauc", "ndcg@20")
+FUSION_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the grid w is chosen from
+
+
 @dataclass
 class RankTrainConfig:
     model: str = "din"  # din, dmin, dien, dsin or base (embedding + MLP)
-    epochs: int = 10  # most passes over the training positives
+    epochs: int = 50  # most passes over the training positives; early stopping usually ends sooner
     batch_size: int = 256  # rows (positives and negatives) per step
     lr: float = 1e-3  # Adam learning rate
     negatives: int = 1  # sampled negatives per positive
-    negative_source: str = "uniform"  # uniform: never-touched items; retrieval: the retriever's top-M
-    retrieval_m: int = 200  # M candidates per user for retrieval negatives
-    patience: int = 2  # epochs without a better validation AUC before stopping
+    negative_source: str = "uniform"  # uniform: mix by hard_share; retrieval: every negative from the top-M
+    hard_share: float = 0.0  # probability that a negative is drawn from the retriever's top-M (else uniform)
+    retrieval_m: int = 200  # M candidates per user for hard negatives and the two-stage validation
+    horizon: int = 1  # the positive of history end t: one of the behaviours t .. t + horizon - 1 (1 = the next)
+    patience: int = 3  # epochs without a better validation figure before stopping
+    monitor: str = "auc"  # the validation figure early stopping follows: auc, gauc or ndcg@20 (two-stage)
+    fuse: bool = True  # choose the fusion weight with the retrieval score on validation users
     seed: int = 0  # seeds initialisation, shuffling and negatives
     dim: int = 16  # embedding size per field
     max_len: int = 50  # L: behaviours fed to the ranker
     threads: int = 0  # torch threads; 0 = torch's default
     settings: dict[str, Any] = field(default_factory=dict)  # model-specific config fields (e.g. evolution="agru")
 
+    def __post_init__(self) -> None:
+        if self.negative_source not in ("uniform", "retrieval"):
+            raise ValueError(f"negative_source={self.negative_source!r}; use uniform or retrieval")
+        if not 0.0 <= self.hard_share <= 1.0:
+            raise ValueError(f"hard_share={self.hard_share} must lie in [0, 1]")
+        if self.horizon < 1:
+            raise ValueError(f"horizon={self.horizon} must be at least 1")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor={self.monitor!r}; use one of {', '.join(MONITORS)}")
+
+    @property
+    def share(self) -> float:
+        """The share of negatives drawn from the retriever's top-M."""
+        return 1.0 if self.negative_source == "retrieval" else self.hard_share
+
+    @property
+    def needs_retrieval(self) -> bool:
+        """Whether training reads the retrieval stage's candidates."""
+        return self.share > 0 or self.monitor == "ndcg@20" or self.fuse
+
+
+@dataclass
+class RetrievalCandidates:
+    """What the ranker sees of the retrieval stage: each training user's top-M candidates it
+    never touched (hard negatives) and each validation user's top-M with scores."""
+
+    m: int  # M
+    hard: dict[int, np.ndarray]  # train user index -> (<= M,) untaken candidate items
+    val_hist: Histories  # validation users with a ground truth, their histories
+    val_items: np.ndarray  # (U, M) their candidates in retrieval order, 0 = none
+    val_scores: np.ndarray  # (U, M) the retrieval scores, aligned
+    val_truth: list[np.ndarray]  # their ground truths
+
 
 @dataclass
 class RankTrainResult:
     model: Ranker
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # one entry per epoch
     best_epoch: int
-    best_auc: float
+    best_auc: float  # validation AUC at the best epoch
     samples_per_s: float
+    best: dict[str, float] = field(default_factory=dict)  # every validation figure at the best epoch
+    fusion: dict[str, Any] = field(default_factory=dict)  # validation NDCG@20 per weight and the chosen one
     diverged: str | None = None  # why training stopped early on a NaN / infinite loss, else None
+
+
+def retrieval_candidates(retriever: Any, ds: Dataset, split: Split, m: int) -> RetrievalCandidates:
+    """Run the retriever once for the training users (full histories: hard negatives) and the
+    validation users (their histories: the two-stage validation and the fusion weight)."""
+    from retrieval.evaluate import exact_index, held_out_users
+    from retrieval.recommend import recommend
+
+    v_users, v_ends, v_truth = held_out_users(ds, split, "validation")
+    v_hist = Histories.of(ds, v_users, v_ends)
+    v_rec = recommend(retriever, ds, exact_index(retriever), v_hist, m)
+    return RetrievalCandidates(m, hard_negatives(retriever, ds, split, m), v_hist, v_rec.items, v_rec.scores, v_truth)
+
+
+def hard_negatives(model: Any, ds: Dataset, split: Split, m: int) -> dict[int, np.ndarray]:
+    """Each training user's top-m retrieval candidates from the MIND `model` (never touched by
+    them): hard negatives."""
+    from retrieval.evaluate import exact_index
+    from retrieval.recommend import recommend
+
+    users = split.train_users
+    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, split.history_len[users]), m)
+    return {int(u): row[row > 0] for u, row in zip(users, rec.items)}
+
+
+def _hard_table(hard: dict[int, np.ndarray], n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-user lists as CSR: offsets (n_users + 1,), items (E,)."""
+    counts = np.zeros(n_users, dtype=np.int64)
+    for u, items in hard.items():
+        counts[u] = len(items)
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    items = np.zeros(offsets[-1], dtype=np.int64)
+    for u, row in hard.items():
+        items[offsets[u] : offsets[u + 1]] = row
+    return offsets, items
 
 
 def training_pairs(
@@ -63,15 +160,34 @@ def training_pairs(
     negatives: int,
     rng: np.random.Generator,
     hard: dict[int, np.ndarray] | None = None,
+    hard_share: float = 1.0,
+    horizon: int = 1,
 ) -> PairSet:
-    """One epoch's rows: every training positive and `negatives` fresh negatives for each."""
+    """One epoch's rows: a positive for every training history end t (history = the behaviours
+    before t) and `negatives` fresh negatives for each.
+
+    The positive is behaviour t itself (horizon 1) or one of the behaviours t .. t + horizon - 1,
+    drawn afresh each epoch: a held-out user's ground truth is every later behaviour, not only
+    the next, and where a burst of ratings shares one timestamp the "next" one is the log's
+    tie-break. Without `hard` every negative is uniform over the items the user never touched;
+    with it each negative is drawn from the user's list in `hard` with probability
+    `hard_share` (uniformly within the list), else uniformly (also where a user's list is empty)."""
+    if horizon < 1:
+        raise ValueError(f"horizon={horizon} must be at least 1")
     users, pos = training_positions(ds, split.train_users, split.history_len)
-    pos_items = ds.items[ds.offsets[users] + pos].astype(np.int64)
+    target = pos
+    if horizon > 1:
+        reach = np.minimum(horizon, split.history_len[users] - pos)  # (R,) >= 1 behaviours from t on
+        target = pos + (rng.random(len(pos)) * reach).astype(np.int64)
+    pos_items = ds.items[ds.offsets[users] + target].astype(np.int64)
     neg_users = np.repeat(users, negatives)
-    if hard is None:
-        neg_items = touched.sample(neg_users, rng)
-    else:  # hard negatives: drawn from each user's retrieval candidates
-        neg_items = np.array([hard[u][rng.integers(len(hard[u]))] for u in neg_users], dtype=np.int64)
+    neg_items = touched.sample(neg_users, rng)
+    if hard is not None and hard_share > 0:
+        offsets, items = _hard_table(hard, ds.n_users)
+        size = offsets[neg_users + 1] - offsets[neg_users]  # (R,)
+        take = (rng.random(len(neg_users)) < hard_share) & (size > 0)
+        pick = offsets[neg_users[take]] + (rng.random(int(take.sum())) * size[take]).astype(np.int64)
+        neg_items[take] = items[pick]
     return PairSet(
         users=np.concatenate([users, neg_users]),
         ends=np.concatenate([pos, np.repeat(pos, negatives)]),
@@ -80,17 +196,63 @@ def training_pairs(
     )
 
 
+def step_groups(rows: PairSet, negatives: int, batch_size: int, rng: np.random.Generator
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch's steps over `training_pairs` rows (P positives, then `negatives` for each):
+    each step takes batch_size // (1 + negatives) positives (at least one) in a shuffled order,
+    each with its own negatives, and yields (row indices (B,), history of each row (B,)) where
+    the history index is the positive's place in the step. A positive and its negatives share
+    one history, which the models then encode once (`RankBatch.rows`)."""
+    P = len(rows) // (1 + negatives)
+    per_step = max(1, batch_size // (1 + negatives))
+    order = rng.permutation(P)
+    for s in range(0, P, per_step):
+        g = order[s : s + per_step]  # (G,) positives
+        neg = (P + g[:, None] * negatives + np.arange(negatives)).reshape(-1)  # (G k,) their negatives
+        hist = np.concatenate([np.arange(len(g)), np.repeat(np.arange(len(g)), negatives)])
+        yield np.concatenate([g, neg]), hist
+
+
+def two_stage_ndcg(model: Ranker, ds: Dataset, retrieval: RetrievalCandidates,
+                   weights: tuple[float, ...] = (0.0,), n: int = 20) -> dict[float, float]:
+    """Validation users' NDCG@n of their top-M reordered by logit + w × z, for each weight w."""
+    logits = score_candidates(model, ds, retrieval.val_hist, retrieval.val_items)  # (U, M), the ranker alone
+    out = {}
+    for w in weights:
+        order = np.argsort(-fuse(logits, retrieval.val_scores, w), axis=1, kind="stable")
+        ranked = np.take_along_axis(retrieval.val_items, order, 1)
+        out[w] = mean_metrics(topn_metrics(np.where(ranked > 0, ranked, -1), retrieval.val_truth, (n,)))[f"ndcg@{n}"]
+    return out
+
+
+def choose_retrieval_weight(model: Ranker, ds: Dataset, retrieval: RetrievalCandidates,
+                            weights: tuple[float, ...] = FUSION_WEIGHTS) -> dict[str, Any]:
+    """Set model.config.retrieval_weight to the w of `weights` with the best validation NDCG@20
+    (ties: the smallest w); -> {"weight", "val_ndcg@20_by_weight", "val_retrieval_ndcg@20"}."""
+    by_weight = two_stage_ndcg(model, ds, retrieval, weights)
+    best = max(by_weight, key=lambda w: (by_weight[w], -w))
+    model.config.retrieval_weight = float(best)
+    items = np.where(retrieval.val_items > 0, retrieval.val_items, -1)
+    retrieval_ndcg = mean_metrics(topn_metrics(items, retrieval.val_truth, (20,)))["ndcg@20"]
+    return {"weight": float(best), "val_ndcg@20_by_weight": {str(w): v for w, v in by_weight.items()},
+            "val_retrieval_ndcg@20": retrieval_ndcg}
+
+
 def train_ranker(
     ds: Dataset,
     split: Split,
     config: RankTrainConfig,
-    hard: dict[int, np.ndarray] | None = None,
-    on_improve: Any = None,
+    retrieval: RetrievalCandidates | None = None,
+    on_improve: Callable[[Ranker, list[dict[str, Any]]], None] | None = None,
     show_progress: bool = True,
     runtime: Runtime | None = None,
 ) -> RankTrainResult:
-    """Train the configured ranker; `on_improve(model, history)` runs whenever validation AUC
-    improves (on rank 0 only, with several processes)."""
+    """Train the configured ranker to convergence on the validation figure `config.monitor`;
+    `on_improve(model, history)` runs whenever it improves (on rank 0 only, with several
+    processes). `retrieval` is needed for hard negatives, the two-stage monitor and fusion
+    (`config.needs_retrieval`)."""
+    if retrieval is None and (config.share > 0 or config.monitor == "ndcg@20"):
+        raise DataError("hard negatives and the two-stage monitor need the retrieval stage's candidates")
     runtime, group = runtime or Runtime(), current()
     rng = seeded(config.seed, config.threads)
     model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
@@ -114,72 +276,80 @@ def train_ranker(
         raise DataError("no validation users with a ground truth: cannot early-stop the ranker")
 
     history: list[dict[str, Any]] = []
-    best_auc, best_epoch, best_state, stale = -1.0, 0, None, 0
+    stopper = EarlyStopping(config.patience)
     total_rows, total_time, diverged, guard = 0, 0.0, None, LossGuard()
     for epoch in range(1, config.epochs + 1):
-        rows = training_pairs(ds, split, touched, config.negatives, rng, hard)
-        order = rng.permutation(len(rows))
-        steps = (len(order) + config.batch_size - 1) // config.batch_size
+        rows = training_pairs(ds, split, touched, config.negatives, rng,
+                              retrieval.hard if retrieval is not None else None, config.share, config.horizon)
+        steps = list(step_groups(rows, config.negatives, config.batch_size, rng))
         model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
+        t0, loss_sum, done = time.perf_counter(), 0.0, 0
         try:
-            with progress_bar(f"{config.model} epoch {epoch}", steps, enabled=show_progress) as bar:
-                for s in range(steps):
-                    lo, hi, weight = s * config.batch_size, min((s + 1) * config.batch_size, len(order)), 1.0
-                    if group.parallel:  # this rank's share of the global batch
-                        a, b_ = share(hi - lo, group)
-                        lo, hi, weight = lo + a, lo + b_, (b_ - a) / (hi - lo)
+            with progress_bar(f"{config.model} epoch {epoch}", len(steps), enabled=show_progress) as bar:
+                for s, (idx, hist_rows) in enumerate(steps):
+                    weight = 1.0
+                    if group.parallel:  # this rank's share of the step's groups (a positive and its negatives)
+                        groups = int(hist_rows.max()) + 1
+                        a, b_ = share(groups, group)
+                        keep = (hist_rows >= a) & (hist_rows < b_)
+                        idx, hist_rows, weight = idx[keep], hist_rows[keep] - a, (b_ - a) / groups
                     loss = None
-                    if hi > lo:
-                        p = rows.take(order[lo:hi])
-                        b = make_rank_batch(ds, touched, p.users, p.ends, p.candidates, p.labels, spec.max_len,
-                                            batch_rng, neg_history=spec.neg_history, sessions=spec.sessions)
+                    if len(idx):
+                        p = rows.take(idx)
+                        first = idx[: hist_rows.max() + 1]  # each group's positive: its history's user and end
+                        b = make_rank_batch(ds, touched, rows.users[first], rows.ends[first], p.candidates, p.labels,
+                                            spec.max_len, batch_rng, neg_history=spec.neg_history,
+                                            sessions=spec.sessions, rows=hist_rows)
                         with runtime.autocast():
                             loss = model.loss(to_device(b, runtime.device))
                     loss_sum += guard.check(backward_step(loss, [opt], sync, weight, runtime.device), s + 1)
-                    bar.update(loss=loss_sum / (s + 1), rate=min((s + 1) * config.batch_size, len(order)) / max(time.perf_counter() - t0, 1e-9))
-                check_finite_weights(model, steps)
+                    done += len(idx)
+                    bar.update(loss=loss_sum / (s + 1), rate=done / max(time.perf_counter() - t0, 1e-9))
+                check_finite_weights(model, len(steps))
         except Diverged as err:
-            diverged = stop_on_divergence(err, epoch, best_epoch)
+            diverged = stop_on_divergence(err, epoch, stopper.best_epoch)
             break
         seconds = time.perf_counter() - t0
-        total_rows, total_time = total_rows + len(order), total_time + seconds
+        total_rows, total_time = total_rows + len(rows), total_time + seconds
         average_batch_norm(model, group)
         check_in_sync(model, group)
-        val = from_main(lambda: pair_metrics(model, ds, val_pairs), group)
-        entry = {"epoch": epoch, "loss": loss_sum / steps, "val_auc": val["auc"], "val_gauc": val["gauc"],
-                 "samples_per_s": len(order) / seconds, "seconds": seconds}
+        t1 = time.perf_counter()
+
+        def validate() -> dict[str, float]:
+            val = pair_metrics(model, ds, val_pairs)
+            out = {"val_auc": val["auc"], "val_gauc": val["gauc"], "val_log_loss": val["log_loss"]}
+            if retrieval is not None:
+                out["val_ndcg@20"] = two_stage_ndcg(model, ds, retrieval)[0.0]
+            return out
+
+        val = from_main(validate, group)
+        entry = {"epoch": epoch, "loss": loss_sum / len(steps), **val}
+        entry.update({"samples_per_s": len(rows) / seconds, "seconds": seconds,
+                      "validation_seconds": time.perf_counter() - t1})
         history.append(entry)
-        log.info("%s epoch %d  loss %.4f  val auc %.4f  gauc %.4f  %.0f samples/s  %.1fs", config.model, epoch,
-                 entry["loss"], val["auc"], val["gauc"], entry["samples_per_s"], seconds)
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, stale = val["auc"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        log.info("%s epoch %d  loss %.4f  val auc %.4f  gauc %.4f  log loss %.4f%s  %.0f samples/s  %.1fs",
+                 config.model, epoch, entry["loss"], val["val_auc"], val["val_gauc"], val["val_log_loss"],
+                 f"  ndcg@20 {entry['val_ndcg@20']:.4f}" if "val_ndcg@20" in entry else "",
+                 entry["samples_per_s"], seconds)
+        if stopper.update(epoch, entry[f"val_{config.monitor}"], model):
             if on_improve is not None and group.main:
                 on_improve(model, history)
-        else:
-            stale += 1
-            if stale >= config.patience:
-                log.info("early stop: best epoch %d", best_epoch)
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+        elif stopper.should_stop:
+            log.info("early stop: no better validation %s for %d epochs (best epoch %d)", config.monitor,
+                     stopper.stale, stopper.best_epoch)
+            break
+    stopper.restore(model)
     model.eval()
-    return RankTrainResult(model, history, best_epoch, best_auc, total_rows / total_time, diverged)
+    best = {k: v for k, v in history[stopper.best_epoch - 1].items() if k.startswith("val_")}
+    fusion: dict[str, Any] = {}
+    if retrieval is not None and config.fuse:
+        fusion = from_main(lambda: choose_retrieval_weight(model, ds, retrieval), group)
+        log.info("%s fusion weight %.2f on validation: ndcg@20 %.4f (ranker alone %.4f, retrieval %.4f)",
+                 config.model, fusion["weight"], max(fusion["val_ndcg@20_by_weight"].values()),
+                 fusion["val_ndcg@20_by_weight"]["0.0"], fusion["val_retrieval_ndcg@20"])
+    return RankTrainResult(model, history, stopper.best_epoch, best["val_auc"], total_rows / total_time, best, fusion,
+                           diverged)
 
 
 def config_dict(config: RankTrainConfig) -> dict[str, Any]:
     return asdict(config)
-
-
-
-def hard_negatives(model: Any, ds: Dataset, split: Split, m: int) -> dict[int, np.ndarray]:
-    """Each training user's top-m retrieval candidates from the MIND `model` (never touched by
-    them): hard negatives."""
-    from retrieval.evaluate import exact_index
-    from retrieval.recommend import recommend
-    from retrieval.samples import Histories
-
-    users = split.train_users
-    rec = recommend(model, ds, exact_index(model), Histories.of(ds, users, split.history_len[users]), m)
-    return {int(u): row[row > 0] for u, row in zip(users, rec.items)}
