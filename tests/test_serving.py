@@ -138,6 +138,28 @@ def test_rerank_keeps_each_items_retrieval_score_and_interest(rec):
     assert scores[0] == pytest.approx(max(logits.values()), abs=1e-5)
 
 
+def test_rerank_serves_the_order_fused_with_the_retrieval_scores(rec, monkeypatch):
+    """A ranker with a retrieval weight w serves logit + w x standardised retrieval score, as
+    evaluation measured it (scoring.fuse), not its logits alone."""
+    from retrieval.ranking.scoring import fuse, score_candidates
+
+    M, w = 40, 0.5
+    [plain] = rec.recommend([Request(user=USER, n=M)])
+    monkeypatch.setattr(rec.ranker.model.config, "retrieval_weight", w)
+    [ranked] = rec.recommend([Request(user=USER, n=M, rank=True, candidates=M)])
+    ds = rec.dataset
+    u = np.array([ds.user_index(USER)])
+    hist = Histories.of(ds, u, ds.lengths()[u])
+    cand = np.array([[ds.item_ids.tolist().index(it.item) for it in plain.items]])
+    retrieval = np.array([[it.score for it in plain.items]], dtype=np.float32)
+    fused = fuse(score_candidates(rec.ranker.model, ds, hist, cand), retrieval, w)[0]
+    alone = score_candidates(rec.ranker.model, ds, hist, cand, None)[0]
+    assert not np.allclose(fused, alone)  # the weight changes the scores, so the test can fail
+    want = dict(zip(ids(plain), fused.tolist()))
+    assert [it.rank_score for it in ranked.items] == pytest.approx([want[i] for i in ids(ranked)], abs=1e-4)
+    assert ids(ranked) == sorted(want, key=lambda i: -want[i])
+
+
 def test_explanations_name_the_behaviours_with_the_largest_weight(rec):
     [resp] = rec.recommend([Request(user=USER, n=10, explain=True)])
     ds = rec.dataset
