@@ -317,6 +317,9 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+READY_TIMEOUT_S = 600.0  # a server not ready by then (1M items load in ~8 s) is killed, not waited on forever
+
+
 def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: Path, max_batch: int, workers: int = 1
                  ) -> tuple[subprocess.Popen, float]:
     """`retrieve serve` in a new process; seconds from the command until /readyz answers 200."""
@@ -328,15 +331,23 @@ def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: P
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-800:]}")
-        try:
-            if get(f"http://127.0.0.1:{port}/readyz", timeout=1)[0] == 200:
-                return proc, time.perf_counter() - t0
-        except OSError:
-            pass
-        time.sleep(0.05)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-800:]}")
+            if time.perf_counter() - t0 > READY_TIMEOUT_S:
+                raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f}s: {log_path.read_text()[-800:]}")
+            try:
+                if get(f"http://127.0.0.1:{port}/readyz", timeout=1)[0] == 200:
+                    return proc, time.perf_counter() - t0
+            except OSError:
+                pass
+            time.sleep(0.05)
+    except BaseException:  # not ready (or interrupted): the server is never left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def free_port() -> int:
@@ -408,9 +419,14 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
              "--rate", str(reload_rate), "--max-seconds", str(s.reload_seconds),
              "--count", str(int(reload_rate * s.reload_seconds)), "--out", str(work / "reload-load.json")],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        time.sleep(s.reload_seconds / 4)
-        status, answer, reload_s = post(f"{base}/admin/reload", {})
-        loader.wait()
+        try:
+            time.sleep(s.reload_seconds / 4)
+            status, answer, reload_s = post(f"{base}/admin/reload", {})
+            loader.wait()
+        finally:  # a failed reload request must not leave the load generator running
+            if loader.poll() is None:
+                loader.kill()
+                loader.wait()
         under = json.loads((work / "reload-load.json").read_text())
         reload = {"status": status, "reload_s": reload_s, "ok": answer.get("ok", False), "rate": reload_rate,
                   "sent": under["sent"], "completed": under["completed"], "errors": under["errors"],

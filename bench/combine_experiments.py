@@ -1,26 +1,43 @@
-"""Mean ± std (ddof 1, as the experiment report) over the per-run records of several `retrieve experiment`
-reports of one command run on disjoint seeds: python3 bench/combine_experiments.py A.json B.json ..."""
-import json, sys
-import numpy as np
-runs = []
-for f in sys.argv[1:]:
-    r = json.load(open(f))
-    assert r["complete"], f
-    runs += r["per_run"]
-seeds = sorted(p["split_seed"] for p in runs)
-print("split seeds", seeds, "runs", len(runs))
-names = ["retriever", "mind", "mind_share_merge", "mind_prior", "mind_knn", "mind_k1", "item_knn", "popularity"]
-keys = ["recall@20", "ndcg@20", "recall@50", "hit_rate@50", "ndcg@50"]
-print("| model | " + " | ".join(k.replace("_", " ").title().replace("Ndcg", "NDCG").replace("Hit Rate", "HitRate") for k in keys) + " |")
-print("|---|" + "---|" * len(keys))
-for n in names:
-    cells = []
-    for k in keys:
-        v = np.array([p["models"][n][k] for p in runs])
-        cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
-    print(f"| {n} | " + " | ".join(cells) + " |")
-for n in ["retriever", "mind", "mind_k1", "item_knn"]:
-    print(n, "per seed R@50/N@50", [(p["split_seed"], round(p["models"][n]["recall@50"], 4), round(p["models"][n]["ndcg@50"], 4)) for p in sorted(runs, key=lambda p: p["split_seed"])])
-for n in ["mind", "mind_k1"]:
-    v = [p["training"][n]["train_samples_per_s"] for p in runs]
-    print(n, "samples/s", round(np.mean(v)), "±", round(np.std(v, ddof=1)))
+"""Mean ± std over the per-run records of several `retrieve experiment` reports of one command run
+on disjoint seeds (e.g. side by side, one process per core): the figures one report over all the
+seeds would give, by the experiment's own `mean_std`.
+
+    python -m bench.combine_experiments A.json B.json ...
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from retrieval.experiment import mean_std
+
+MODELS = ("retriever", "mind", "mind_share_merge", "mind_prior", "mind_knn", "mind_k1", "item_knn", "popularity")
+FIGURES = ("recall@20", "ndcg@20", "recall@50", "hit_rate@50", "ndcg@50")
+HEADERS = ("Recall@20", "NDCG@20", "Recall@50", "HitRate@50", "NDCG@50")
+
+
+def main(paths: list[str]) -> None:
+    runs = []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        if not report["complete"]:
+            sys.exit(f"error: {path}: the experiment did not finish every run")
+        runs += report["per_run"]
+    runs.sort(key=lambda r: r["split_seed"])
+    print("split seeds", [r["split_seed"] for r in runs], "runs", len(runs))
+    print("| model | " + " | ".join(HEADERS) + " |")
+    print("|---|" + "---|" * len(FIGURES))
+    for name in MODELS:
+        cells = [mean_std([r["models"][name][k] for r in runs]) for k in FIGURES]
+        print(f"| {name} | " + " | ".join(f"{c['mean']:.3f} ± {c['std']:.3f}" for c in cells) + " |")
+    for name in ("retriever", "mind", "mind_k1", "item_knn"):
+        print(name, "per seed R@50/N@50", [(r["split_seed"], round(r["models"][name]["recall@50"], 4),
+                                            round(r["models"][name]["ndcg@50"], 4)) for r in runs])
+    for name in ("mind", "mind_k1"):
+        rate = mean_std([r["training"][name]["train_samples_per_s"] for r in runs])
+        print(name, "samples/s", round(rate["mean"]), "±", round(rate["std"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
