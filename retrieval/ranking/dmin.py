@@ -142,12 +142,17 @@ class InterestHead(nn.Module):
             return q, None
         return q, F.linear(position, self.query.weight[:, D:])  # (B, D), (L, D)
 
-    def forward(self, head: Tensor, z: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """head (B, L, D/H), z (B, L, D), cand (B, D), position (L, P) encodings or None, mask (B, L)
-        -> interest (B, D), weights (B, L) (0 on padding). The position-wise layers run on the
-        real behaviours only."""
+    def encode(self, head: Tensor, z: Tensor, mask: Tensor) -> Tensor:
+        """The head's candidate-free part: head (H, L, D/H_E), z (H, L, D), mask (H, L) -> I (H, L, D),
+        zero on padding. The position-wise layers run on the real behaviours only."""
         i = self.norm(z[mask] + self.out(head[mask]))  # (n_real, D)
-        i = z.new_zeros(z.shape).masked_scatter(mask.unsqueeze(-1), i + self.ffn(i))  # (B, L, D), zero on padding
+        return z.new_zeros(z.shape).masked_scatter(mask.unsqueeze(-1), i + self.ffn(i))  # (H, L, D)
+
+    def pool(self, i: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor,
+             key_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """i (B, L, D) the head's outputs, cand (B, D), position (L, P) encodings or None, mask
+        (B, L), key_term (B, L, H1) the unit's `key_term(i)` or None -> interest (B, D), weights
+        (B, L) (0 on padding)."""
         q_row, q_pos = self.attention_query(cand, position)  # (B, D), (L, D) or None
         if q_pos is None:
             query, query_term = q_row, None
@@ -155,7 +160,7 @@ class InterestHead(nn.Module):
             L = i.shape[1]
             query = q_row.unsqueeze(1) + q_pos[:L].unsqueeze(0)  # (B, L, D)
             query_term = self.unit.query_term(q_row).unsqueeze(1) + self.unit.query_term(q_pos[:L], bias=False)
-        interest, w = self.unit(i, query, mask, query_term=query_term)  # (B, D), (B, L)
+        interest, w = self.unit(i, query, mask, key_term=key_term, query_term=query_term)  # (B, D), (B, L)
         if self.att_norm == "softmax":
             w = masked_softmax(w, mask, dim=1)  # (B, L)
             interest = (w.unsqueeze(-1) * i).sum(1)  # (B, D)
@@ -174,13 +179,20 @@ class MultiInterestExtractor(nn.Module):
         pos_dim = dim if config.position else 0
         self.heads = nn.ModuleList([InterestHead(dim // H, dim, pos_dim, config) for _ in range(H)])
 
-    def forward(self, z: Tensor, cand: Tensor, mask: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
-        """z (B, L, D), cand (B, D), mask (B, L), allowed (B, L, L) -> interests (B, H_E, D),
-        weights (B, H_E, L)."""
+    def forward(self, z: Tensor, cand: Tensor, mask: Tensor, allowed: Tensor,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z (H, L, D) refined histories, cand (B, D), mask (H, L), allowed (H, L, L), rows (B,)
+        the history of each candidate (None: H = B, one each) -> interests (B, H_E, D), weights
+        (B, H_E, L). The self-attention, each head's layers and its unit's behaviour term never
+        see the candidate, so they run once per history and are gathered per candidate."""
         L = z.shape[1]
-        h = multi_head_attention(z, self.qkv, self.n_heads, allowed)  # (B, H_E, L, D/H_E)
+        h = multi_head_attention(z, self.qkv, self.n_heads, allowed)  # (H, H_E, L, D/H_E)
         position = self.position.weight[:L] if self.position is not None else None  # (L, P)
-        out = [head(h[:, k], z, cand, position, mask) for k, head in enumerate(self.heads)]  # H_E heads
+        take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
+        out = []
+        for k, head in enumerate(self.heads):
+            i = head.encode(h[:, k], z, mask)  # (H, L, D)
+            out.append(head.pool(take(i), cand, position, take(mask), key_term=take(head.unit.key_term(i))))
         return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
 
 
@@ -201,7 +213,8 @@ class DMIN(ClickModel):
 
 
     def _refine(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """-> behaviour embeddings e (B, L, D), refined behaviours z (B, L, D) (0 on padding), attention mask (B, L, L)."""
+        """-> behaviour embeddings e (H, L, D), refined behaviours z (H, L, D) (0 on padding) and the
+        attention mask (H, L, L) of the H histories the batch holds (shared by `rows` or not)."""
         L = batch.history.shape[1]
         if self.extractor.position is not None and L > self.config.max_len:
             raise ValueError(f"history length {L} exceeds max_len={self.config.max_len} (position table)")
@@ -210,34 +223,27 @@ class DMIN(ClickModel):
         e = self.items(history)  # (B, L, D), zero on padding
         return e, self.refiner(e, allowed, batch.mask), allowed
 
-    def _logit(self, batch: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
-        cand = self.items(batch.candidate)  # (B, D)
-        interests, _ = self.extractor(z, cand, batch.mask, allowed)  # (B, H_E, D)
-        return self.mlp_logit([interests.flatten(1), cand], batch)  # (B, H_E * D), (B, D)
-
-    def _refine_shared(self, batch: RankBatch) -> tuple[RankBatch, Tensor, Tensor, Tensor, Tensor]:
-        """The refiner runs once per distinct history (it never sees the candidate): -> the batch
-        with one history per candidate, then e (H, L, D) and z (H, L, D) of the H distinct
-        histories, and z (B, L, D), allowed (B, L, L) gathered per candidate (`RankBatch.rows`;
-        H = B and nothing is gathered without rows)."""
-        e, z, allowed = self._refine(batch)
-        if batch.rows is None:
-            return batch, e, z, z, allowed
-        rows = batch.rows
-        return batch.per_row(), e, z, z.index_select(0, rows), allowed.index_select(0, rows)
+    def _logit(self, shared: RankBatch, z: Tensor, allowed: Tensor) -> Tensor:
+        """shared: the batch as given (histories shared by `rows` or not), z (H, L, D) and allowed
+        (H, L, L) of its histories -> click logits (B,)."""
+        cand = self.items(shared.candidate)  # (B, D)
+        interests, _ = self.extractor(z, cand, shared.mask, allowed, shared.rows)  # (B, H_E, D)
+        return self.mlp_logit([interests.flatten(1), cand], shared)  # (B, H_E * D), (B, D)
 
     def refine(self, batch: RankBatch) -> Tensor:
-        """Refined behaviours z (B, L, D) (0 at padded positions)."""
-        return self._refine_shared(batch)[3]
+        """Refined behaviours z (B, L, D) (0 at padded positions), one history per candidate."""
+        z = self._refine(batch)[1]  # (H, L, D)
+        return z if batch.rows is None else z.index_select(0, batch.rows)
 
     def interests(self, batch: RankBatch) -> tuple[Tensor, Tensor]:
         """The H_E candidate-activated interests (B, H_E, D) and their weights (B, H_E, L)."""
-        batch, _, _, z, allowed = self._refine_shared(batch)
-        return self.extractor(z, self.items(batch.candidate), batch.mask, allowed)
+        _, z, allowed = self._refine(batch)
+        return self.extractor(z, self.items(batch.candidate), batch.mask, allowed, batch.rows)
 
     def score(self, batch: RankBatch) -> Tensor:
-        """Click logits (B,)."""
-        batch, _, _, z, allowed = self._refine_shared(batch)
+        """Click logits (B,). The refiner and the extractor's candidate-free layers run once per
+        distinct history (`RankBatch.rows`)."""
+        _, z, allowed = self._refine(batch)
         return self._logit(batch, z, allowed)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
@@ -249,9 +255,9 @@ class DMIN(ClickModel):
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
-        shared = batch
-        batch, e, z_shared, z, allowed = self._refine_shared(batch)
-        logits = self._logit(batch, z, allowed)
+        shared, batch = batch, batch.per_row()  # batch: one history per candidate, for the regulariser's ids
+        e, z_shared, allowed = self._refine(shared)  # (H, L, D) twice, (H, L, L)
+        logits = self._logit(shared, z_shared, allowed)
         ids = [batch.history.masked_fill(~batch.mask, 0), batch.candidate]
         aux = logits.new_zeros(())
         if c.aux_weight:
