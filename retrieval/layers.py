@@ -280,28 +280,6 @@ class ActivationUnit(nn.Module):
         w = w.masked_scatter(mask, self.mlp[1:](h).squeeze(-1).to(w.dtype))
         return (w.unsqueeze(-1) * keys).sum(1), w
 
-    def pool_many(self, keys: Tensor, mask: Tensor, queries: Tensor) -> Tensor:
-        """Scoring many candidates against one history per row (eval mode): keys (U, L, D), mask
-        (U, L), queries (U, M, D) -> pooled (U, M, D), what forward() gives each of the U*M
-        (history, candidate) pairs. The key term of the first layer is computed once per history
-        instead of once per pair, and the k ⊙ q term as one (M, D) @ (D, L*H1) product per history:
-        q·(k ⊙ w_h) = (k ⊙ q)·w_h. Memory: U*M*L*H1 floats; callers bound U."""
-        if self.training:
-            raise RuntimeError("pool_many is the scoring path; batch statistics need forward()")
-        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
-        Wk, Wq, Wd, Wp = first.weight.split(self.dim, dim=1)  # (H1, D) each
-        U, L, D = keys.shape
-        M, H1 = queries.shape[1], first.out_features
-        per_key = F.linear(keys, Wk + Wd)  # (U, L, H1)
-        per_query = F.linear(queries, Wq - Wd, first.bias)  # (U, M, H1)
-        z = (keys.unsqueeze(-1) * Wp.T).transpose(1, 2).reshape(U, D, L * H1)  # (U, D, L*H1): k_l ⊙ w_h
-        h = torch.bmm(queries, z).view(U, M, L, H1)  # (U, M, L, H1) the k ⊙ q term
-        h += per_key.unsqueeze(1)
-        h += per_query.unsqueeze(2)
-        w = self.mlp[1:](h).squeeze(-1).masked_fill(~mask.unsqueeze(1), 0.0)  # (U, M, L)
-        return torch.bmm(w, keys)  # (U, M, D)
-
-
     @torch.no_grad()
     def pool_shared(self, keys: Tensor, query: Tensor, mask: Tensor, rows: Tensor,
                     key_term: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -430,9 +430,13 @@ def test_batcher_close_finishes_queued_work():
 # ----------------------------------------------------------------------------- the rerank fast path
 
 
-def test_din_scores_each_historys_candidates_as_the_pairs_would(rec):
+def test_din_scores_each_historys_candidates_as_their_own_rows_would(rec):
+    """score_candidates shares one copy of each history among its candidates (DIN's shared-history
+    path); scoring every (history, candidate) pair with its own copy gives the same logits."""
+    import torch
+
     from retrieval.ranking import scoring
-    from retrieval.ranking.data import PairSet
+    from retrieval.ranking.data import make_rank_batch
 
     ds, model = rec.dataset, rec.ranker.model
     users = np.array([0, 5, 9, 17])
@@ -440,13 +444,13 @@ def test_din_scores_each_historys_candidates_as_the_pairs_would(rec):
     cand = np.random.default_rng(0).integers(1, ds.n_items + 1, size=(4, 30))
     cand[2, 20:] = 0  # fewer candidates than M
     fast = scoring.score_candidates(model, ds, hist, cand)
-    valid = cand.reshape(-1) > 0
-    rows = np.repeat(np.arange(4), 30)[valid]
-    pairs = PairSet(rows, hist.lengths()[rows], cand.reshape(-1)[valid], np.zeros(len(rows), np.float32))
-    slow = np.full(cand.size, -np.inf, np.float32)
-    slow[valid] = scoring.score_pairs(model, ds, pairs, seqs=hist)
+    rows = np.repeat(np.arange(4), 30)[cand.reshape(-1) > 0]
+    own = make_rank_batch(ds, None, rows, hist.lengths()[rows], cand[cand > 0], None, model.config.max_len, seqs=hist)
+    assert own.rows is None and own.history.shape[0] == len(rows)
+    with torch.no_grad():
+        slow = model.eval().score(own).numpy()
     assert np.array_equal(np.isinf(fast), cand == 0)
-    np.testing.assert_allclose(fast[cand > 0], slow.reshape(4, 30)[cand > 0], atol=1e-5)
+    np.testing.assert_allclose(fast[cand > 0], slow, atol=1e-5)
 
 
 def test_dice_scoring_path_is_batch_norm_with_running_statistics():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from retrieval.layers import ActivationUnit, act_mlp, gather_rows
@@ -59,8 +58,9 @@ class DIN(ClickModel):
         """Candidate-activated interest (B, D), activation weights (B, L) (0 on padding, not
         normalised), candidate representation (B, D).
 
-        Scoring many candidates of one history (batch.rows, eval mode) takes the unit's shared-
-        history path: each history's behaviours are encoded once and never copied per candidate."""
+        Scoring many candidates of one history (batch.rows, eval mode: validation, evaluation and
+        serving's rerank, all through `scoring.score_pairs`) takes the unit's shared-history path:
+        each history's behaviours are encoded once and never copied per candidate."""
         if batch.rows is not None and not self.training:
             history = batch.history.masked_fill(~batch.mask, 0)  # (H, L) distinct histories
             rows, inverse = self.items.distinct(history)  # (U, D), (H, L)
@@ -82,21 +82,6 @@ class DIN(ClickModel):
         """Click logits (B,)."""
         pooled, _, cand = self.interest(batch)
         return self.mlp_logit([pooled, cand], batch)
-
-    @torch.no_grad()
-    def score_candidates(self, batch: RankBatch, candidates: Tensor) -> Tensor:
-        """Logits (U, M) of M candidates (U, M) per history of `batch` (its `candidate` is unused),
-        in eval mode: what score() gives each (history, candidate) pair, with the history encoded
-        once and the activation unit's history terms shared by its M candidates (serving's rerank)."""
-        history = batch.history.masked_fill(~batch.mask, 0)  # (U, L)
-        e = self.items(history)  # (U, L, D)
-        cand = self.items(candidates)  # (U, M, D)
-        pooled = self.attention.pool_many(e, batch.mask, cand)  # (U, M, D)
-        parts = [pooled, cand]
-        if self.profile.out_dim:
-            prof = self.profile(batch.user_features, len(history))  # (U, P)
-            parts.append(prof.unsqueeze(1).expand(-1, candidates.shape[1], -1))  # (U, M, P)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (U, M)
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "l2"}, each (); total = bce + config.l2 × l2 (l2 = 0 when config.l2 = 0)."""

@@ -61,10 +61,6 @@ def pair_metrics(model: Ranker, ds: Dataset, pairs: PairSet) -> dict[str, float]
             "log_loss": log_loss(pairs.labels, s)}
 
 
-PAIRS_PER_CALL = 1 << 15  # (candidate, behaviour) pairs per call of a model's score_candidates: its buffers stay
-# a few MB (measured on DIN at M=200, L=50: half the time per request of 1 << 17)
-
-
 def standardise(retrieval_scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Each row's scores (U, M) minus the row's mean over its valid candidates, over their standard
     deviation (1 where the row has none or one distinct value); 0 where not valid."""
@@ -94,12 +90,9 @@ def score_candidates(model: Ranker, ds: Dataset, hist: Histories, candidates: np
     (none). The ranker's logits, fused with `retrieval_scores` (U, M), aligned with candidates,
     when given and the ranker has a retrieval weight (see the module docstring).
 
-    A model with its own `score_candidates(batch, candidates)` (DIN) scores each history's M
-    candidates together, sharing the history's work; the others score flat pairs."""
+    A history's M candidates share one copy of it (`score_pairs`), so the models encode it once."""
     U, M = candidates.shape
     weight = getattr(model.config, "retrieval_weight", 0.0)
-    if hasattr(model, "score_candidates"):
-        return fuse(_score_per_history(model, ds, hist, candidates), retrieval_scores, weight)
     valid = candidates.reshape(-1) > 0
     rows = np.repeat(np.arange(U, dtype=np.int64), M)[valid]
     pairs = PairSet(rows, hist.lengths()[rows], candidates.reshape(-1)[valid].astype(np.int64),
@@ -118,22 +111,3 @@ def rerank(model: Ranker, ds: Dataset, hist: Histories, candidates: np.ndarray,
     scores = score_candidates(model, ds, hist, candidates, retrieval_scores)
     order = np.argsort(-scores, axis=1, kind="stable")
     return order, np.take_along_axis(scores, order, 1)
-
-
-@torch.no_grad()
-def _score_per_history(model: Ranker, ds: Dataset, hist: Histories, candidates: np.ndarray) -> np.ndarray:
-    """score_candidates through the model's per-history scorer, in chunks of histories."""
-    model.eval()
-    spec = needs(model)
-    U, M = candidates.shape
-    logits = np.full((U, M), -np.inf, dtype=np.float32)
-    step = max(1, PAIRS_PER_CALL // max(1, M * spec.max_len))
-    lengths = hist.lengths()
-    for i in range(0, U, step):
-        rows = np.arange(i, min(i + step, U))
-        b = make_rank_batch(ds, None, rows, lengths[rows], np.zeros(len(rows), np.int64), None, spec.max_len,
-                            seqs=hist)
-        cand = candidates[rows].astype(np.int64)  # (R, M), 0 = none: scored as padding, then -inf
-        out = model.score_candidates(b, torch.from_numpy(cand)).numpy()  # type: ignore[union-attr]
-        logits[rows] = np.where(cand > 0, out, -np.inf)
-    return logits
