@@ -44,3 +44,48 @@ def test_serve_summary_separates_the_p99_target_from_the_sustained_rate():
     t = result["targets"]
     assert t["served>=50%_of_inprocess"] and not t["retrieval>=1000/s_p99<=10ms"] and not t["rank>=100/s_p99<=50ms"]
     assert t["zero_errors_across_reload"]
+
+
+def _ranker_report(seeds, aucs, complete=True, negatives=4):
+    """A ranker-experiment report as `experiment-rankers` writes it, with hand-made per-seed records."""
+    from retrieval.ranking.experiment import KIND, aggregate_rankers
+
+    per_seed = [{"split_seed": s, "retrieval": {"best_epoch": 3},
+                 "rankers": {"din": {"auc": a, "two_stage_ndcg@20": 0.2 + a / 10, "retrieval_ndcg@20": 0.275,
+                                     "best_epoch": 2}}} for s, a in zip(seeds, aucs)]
+    return {"kind": KIND, "complete": complete, "dataset": "d.csv", "data_fingerprint": "f", "split_seeds": list(seeds),
+            "part": "test", "M": 200, "jobs": 1, "timing_note": "one process", "retrieval_settings": {},
+            "retrieval_train_config": {"epochs": 30, "split_seed": seeds[0]}, "retrieval": {},
+            "rank_train_config": {"negatives": negatives, "epochs": 8, "patience": 2, "monitor": "auc", "hard_share": 0.0},
+            "sessions": {}, "rankers": aggregate_rankers(["din"], per_seed), "per_seed": per_seed,
+            "wall_time_s": 100.0 * len(seeds), "created": "2026-12-01T00:00:00Z", "command": "retrieve experiment-rankers"}
+
+
+def test_combined_ranker_reports_aggregate_every_seed_once(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.combine_ranker_experiments import combine, main
+
+    a, b = _ranker_report([2027, 2028], [0.8, 0.9]), _ranker_report([2026], [0.7])
+    report = combine([("a", a), ("b", b)])
+    assert report["split_seeds"] == [2026, 2027, 2028] and report["complete"]
+    assert report["rankers"]["din"]["auc"]["mean"] == pytest.approx(0.8)
+    assert report["rankers"]["din"]["auc"]["std"] == pytest.approx(0.1)  # ddof 1 over 0.7, 0.8, 0.9
+    assert report["rankers"]["din"]["seeds_above_retrieval_ndcg@20"] == 2  # 0.28 and 0.29 above 0.275, 0.27 not
+    assert report["wall_time_s"] == 200.0 and [p["split_seeds"] for p in report["parts"]] == [[2027, 2028], [2026]]
+    assert not combine([("a", a), ("c", _ranker_report([2029], [0.7], complete=False))])["complete"]
+    with pytest.raises(ValueError, match="split seed 2027 is in two reports"):
+        combine([("a", a), ("a2", _ranker_report([2027], [0.7]))])
+    with pytest.raises(ValueError, match="rank_train_config differs"):
+        combine([("a", a), ("n", _ranker_report([2029], [0.7], negatives=1))])
+    paths = []
+    for name, r in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(r))
+        paths.append(str(tmp_path / name))
+    main([*paths, "--out", str(tmp_path / "all.json")])
+    assert json.loads((tmp_path / "all.json").read_text())["split_seeds"] == [2026, 2027, 2028]
+    assert "2026, 2027, 2028" in (tmp_path / "all.md").read_text()
+    with pytest.raises(SystemExit, match="is one of the reports"):
+        main([*paths, "--out", paths[0]])

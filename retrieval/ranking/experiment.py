@@ -209,9 +209,9 @@ def run_ranker_experiment(
     return report(time.perf_counter() - t0)
 
 
-def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str], per_seed: list[dict[str, Any]],
-            retrieval_settings: dict[str, Any], retrieval_train: TrainConfig, rank_train: RankTrainConfig,
-            part: str, m: int, jobs: int, seconds: float) -> dict[str, Any]:
+def aggregate_rankers(labels: Sequence[str], per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each ranker's figures over the seeds that ran it (mean ± std), the seeds, how many of them
+    put the two-stage NDCG@20 above the retrieval order, and each seed's best epoch."""
     rankers = {}
     for label in labels:
         runs = [s["rankers"][label] for s in per_seed if label in s["rankers"]]  # a stopped seed lacks the last
@@ -222,6 +222,12 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
         rankers[label]["seeds_above_retrieval_ndcg@20"] = sum(r["two_stage_ndcg@20"] > r["retrieval_ndcg@20"]
                                                               for r in runs)
         rankers[label]["best_epochs"] = [r["best_epoch"] for r in runs]
+    return rankers
+
+
+def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str], per_seed: list[dict[str, Any]],
+            retrieval_settings: dict[str, Any], retrieval_train: TrainConfig, rank_train: RankTrainConfig,
+            part: str, m: int, jobs: int, seconds: float) -> dict[str, Any]:
     return {
         "kind": KIND,
         "complete": len(per_seed) == len(seeds) and all(len(s["rankers"]) == len(labels) for s in per_seed),
@@ -238,7 +244,7 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
         "retrieval": {k: mean_std([s["retrieval"][k] for s in per_seed]) for k in per_seed[0]["retrieval"]},
         "rank_train_config": dataclasses.asdict(rank_train),
         "sessions": session_statistics(ds, rank_train.max_len),
-        "rankers": rankers,
+        "rankers": aggregate_rankers(labels, per_seed),
         "per_seed": list(per_seed),  # a snapshot: the run goes on appending
         "wall_time_s": round(seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
