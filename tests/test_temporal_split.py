@@ -62,6 +62,24 @@ def test_training_counts_read_only_the_training_period(ds) -> None:
     assert item_counts(ds, users, split.history_len).tolist() == training_counts(ds, split).tolist()
 
 
+def test_rankers_train_on_the_training_period_only(ds) -> None:
+    """A ranker's negatives exclude only what the user touched before the cut (user 2's item 14,
+    taken after it, may be drawn), and its MBA frequencies count the training period."""
+    from retrieval.ranking.data import TouchedItems
+    from retrieval.ranking.models import build_ranker
+
+    split = split_time(ds, seed=2026)
+    u2 = int(np.flatnonzero(ds.user_ids.astype(int) == 2)[0])
+    i13, i14 = (1 + int(np.flatnonzero(ds.item_ids[1:].astype(int) == i)[0]) for i in (13, 14))  # 0 is padding
+    users, items = np.array([u2, u2]), np.array([i13, i14])
+    assert TouchedItems(ds).contains(users, items).tolist() == [True, True]  # the whole log (the protocol's pairs)
+    assert TouchedItems(ds, split.history_len).contains(users, items).tolist() == [True, False]
+    assert TouchedItems(ds, ds.lengths()).keys.tolist() == TouchedItems(ds).keys.tolist()
+    model = build_ranker("base", ds, split.train_users, split.history_len, dim=4)
+    assert model.items.count_id.tolist() == training_counts(ds, split).astype(float).tolist()
+    assert build_ranker("base", ds, split.train_users, dim=4).items.count_id[i14].item() == 1  # whole sequences
+
+
 def test_baselines_use_the_training_period_only(ds) -> None:
     split = split_time(ds, seed=2026)
     users, ends, _ = held_out_users(ds, split, "test")

@@ -24,12 +24,19 @@ from retrieval.samples import Histories, Sequences, gather_histories, profile_fe
 
 
 class TouchedItems:
-    """Membership test "has user u ever touched item i" over the whole log, vectorised."""
+    """Membership test "has user u touched item i", vectorised: over the whole log, or with `ends`
+    (U,) over each user's first ends[u] behaviours only (a split's training data: on the temporal
+    split what a user does after the cut is not known when the model trains)."""
 
-    def __init__(self, ds: Dataset):
+    def __init__(self, ds: Dataset, ends: np.ndarray | None = None):
         self.width = ds.n_items + 1
-        users = np.repeat(np.arange(ds.n_users, dtype=np.int64), ds.lengths())
-        self.keys = np.unique(users * self.width + ds.items.astype(np.int64))
+        lengths = ds.lengths()
+        users = np.repeat(np.arange(ds.n_users, dtype=np.int64), lengths)
+        keys = users * self.width + ds.items.astype(np.int64)
+        if ends is not None and not np.array_equal(ends, lengths):
+            pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)  # (E,) place in its sequence
+            keys = keys[pos < np.repeat(ends, lengths)]
+        self.keys = np.unique(keys)
         self.n_items = ds.n_items
         self.user_ids = ds.user_ids
         self.distinct = np.bincount(self.keys // self.width, minlength=ds.n_users)  # (U,) items each touched

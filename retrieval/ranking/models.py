@@ -69,10 +69,12 @@ def make_ranker(name: str, config: RankerConfig, ds: Dataset) -> Ranker:
     return _CLASSES[name][0](config, feats)
 
 
-def build_ranker(name: str, ds: Dataset, train_users: np.ndarray | None = None, **settings: Any) -> Ranker:
-    """A fresh ranker sized for the dataset; item frequencies (for the MBA regulariser) from train users."""
+def build_ranker(name: str, ds: Dataset, train_users: np.ndarray | None = None, ends: np.ndarray | None = None,
+                 **settings: Any) -> Ranker:
+    """A fresh ranker sized for the dataset; item frequencies (for the MBA regulariser) from the
+    train users' sequences, or only their first ends[u] behaviours (a split's `history_len`)."""
     model = make_ranker(name, ranker_config(name, ds, **settings), ds)
     users = np.arange(ds.n_users) if train_users is None else train_users
-    counts = torch.from_numpy(item_counts(ds, users).astype(np.float32))
+    counts = torch.from_numpy(item_counts(ds, users, ends).astype(np.float32))
     model.set_frequencies(counts)
     return model

@@ -255,7 +255,7 @@ def train_ranker(
         raise DataError("hard negatives and the two-stage monitor need the retrieval stage's candidates")
     runtime, group = runtime or Runtime(), current()
     rng = seeded(config.seed, config.threads)
-    model = build_ranker(config.model, ds, split.train_users, dim=config.dim, max_len=config.max_len,
+    model = build_ranker(config.model, ds, split.train_users, split.history_len, dim=config.dim, max_len=config.max_len,
                          **config.settings)
     model.to(runtime.device)
     spec = needs(model)
@@ -270,7 +270,7 @@ def train_ranker(
     if runtime.compile:
         compile_loss(model)
     show_progress = show_progress and group.main
-    touched = TouchedItems(ds)
+    touched = TouchedItems(ds, split.history_len)  # negatives: what the user had not touched in the training data
     val_pairs = protocol_pairs(ds, split, "validation")
     if len(val_pairs) == 0:
         raise DataError("no validation users with a ground truth: cannot early-stop the ranker")
