@@ -710,10 +710,13 @@ def train_ranker_cmd(
     device: Device = "auto",
     precision: Precision = "fp32",
     compile: Compile = False,
+    resume: Resume = False,
+    checkpoint: Checkpoint = None,
 ) -> None:
     """Train a second-stage ranker on the retrieval bundle's training users, to convergence on validation users.
 
-    Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes."""
+    Under torchrun the processes train one ranker data-parallel; rank 0 validates and writes.
+    A checkpoint is written at the end of every epoch; --resume continues a killed run from it."""
     from retrieval.bundle import load_bundle
     from retrieval.ranking.bundle import KIND, save_ranker
     from retrieval.ranking.train import RankTrainConfig, retrieval_candidates, train_ranker
@@ -733,7 +736,9 @@ def train_ranker_cmd(
             save_ranker(out, m, model, cfg, b, extra={"history": history, "best_val_auc": max(h["val_auc"] for h in history),
                                                       **({"fusion": fusion} if fusion else {}), **extra})
 
-        result = train_ranker(b.dataset, b.split, cfg, retrieval=rc, on_improve=save, runtime=runtime)
+        result = train_ranker(b.dataset, b.split, cfg, retrieval=rc, on_improve=save, runtime=runtime,
+                              checkpointing=_checkpointing(out, checkpoint, 0, resume),
+                              identity={"retrieval_bundle": b.fingerprint})
         if group.main:
             save(result.model, result.history, result.fusion)
             typer.echo(f"ranker: {out}  {model}  best epoch {result.best_epoch} of {len(result.history)}  "

@@ -176,6 +176,45 @@ def test_train_ranker_is_deterministic_for_a_seed(small, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_killed_ranker_training_resumes_to_the_uninterrupted_run(small, tmp_path, monkeypatch):
+    """A run that dies in epoch 2 resumes from the epoch-1 checkpoint and ends with the weights,
+    the history and the best epoch of the run that never stopped; a finished run leaves no
+    checkpoint, and a checkpoint of other settings is refused."""
+    import retrieval.ranking.train as train_module
+    from retrieval.checkpoint import Checkpointing
+    from retrieval.errors import ArtifactError, ConfigError
+
+    ds, split = small.dataset, small.split
+    cfg = RankTrainConfig(model="dien", epochs=3, patience=5, dim=4, max_len=20, seed=3, threads=1)
+    whole = train_ranker(ds, split, cfg, show_progress=False)
+
+    ckpt = Checkpointing(tmp_path / "r.ckpt", resume=True)
+    real, calls = train_module.pair_metrics, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "pair_metrics", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ranker(ds, split, cfg, show_progress=False, checkpointing=ckpt)
+    monkeypatch.setattr(train_module, "pair_metrics", real)
+    assert torch.load(tmp_path / "r.ckpt", weights_only=True)["epoch"] == 2  # epoch 1 done, 2 next
+    with pytest.raises(ArtifactError, match="other settings"):
+        train_ranker(ds, split, RankTrainConfig(**{**cfg.__dict__, "lr": 0.01}), show_progress=False, checkpointing=ckpt)
+    resumed = train_ranker(ds, split, cfg, show_progress=False, checkpointing=ckpt)
+    assert not (tmp_path / "r.ckpt").exists()
+    assert resumed.best_epoch == whole.best_epoch and len(resumed.history) == 3
+    for a, b in zip(resumed.history, whole.history):
+        assert a["loss"] == b["loss"] and a["val_auc"] == b["val_auc"]
+    want = whole.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
+    with pytest.raises(ConfigError, match="checkpoint at the end of each epoch"):
+        train_ranker(ds, split, cfg, show_progress=False, checkpointing=Checkpointing(tmp_path / "x", every=5))
+
+
 # ---------------------------------------------------------------------- training pairs
 
 
@@ -920,3 +959,9 @@ def test_ranker_experiment_reports_each_ranker_as_it_finishes(small):
     assert first["rankers"]["base"]["auc"] == report["rankers"]["base"]["auc"]
     md = format_ranker_markdown(first)
     assert "| base |" in md and "base:fuse=false" not in md and "(incomplete:" in md and "base" in format_ranker_table(first)
+
+
+def test_train_ranker_resume_without_a_checkpoint_starts_fresh_and_leaves_none(invoke, bundle_k4, tmp_path):
+    out = train_ranker_cli(invoke, bundle_k4, tmp_path / "r", *FAST_RANKER, "--resume")
+    assert (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # the epoch checkpoint r.ckpt is gone with the run

@@ -31,11 +31,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from retrieval.checkpoint import Checkpointer, Checkpointing
 from retrieval.data import Dataset, Split
 from retrieval.device import Runtime, compile_loss, to_device
-from retrieval.distributed import GradientSync, average_batch_norm, broadcast_state, check_in_sync, current, from_main, rank_seed, share
+from retrieval.distributed import (GradientSync, average_batch_norm, broadcast_state, check_in_sync, current, from_main,
+                                   gather_to_main, rank_seed, share)
 from retrieval.early_stopping import EarlyStopping
-from retrieval.errors import DataError
+from retrieval.errors import ConfigError, DataError
 from retrieval.metrics import mean_metrics, topn_metrics
 from retrieval.progress import progress_bar
 from retrieval.ranking.data import PairSet, TouchedItems, make_rank_batch, protocol_pairs
@@ -246,11 +248,19 @@ def train_ranker(
     on_improve: Callable[[Ranker, list[dict[str, Any]]], None] | None = None,
     show_progress: bool = True,
     runtime: Runtime | None = None,
+    checkpointing: Checkpointing | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> RankTrainResult:
     """Train the configured ranker to convergence on the validation figure `config.monitor`;
     `on_improve(model, history)` runs whenever it improves (on rank 0 only, with several
     processes). `retrieval` is needed for hard negatives, the two-stage monitor and fusion
-    (`config.needs_retrieval`)."""
+    (`config.needs_retrieval`).
+
+    `checkpointing`: a checkpoint at the end of every epoch (model, optimizer, generators,
+    early-stopping state) and, with `resume`, a run that continues from it and ends as the
+    uninterrupted run would (`retrieval.checkpoint`); `identity` adds what else it must match
+    (e.g. the retrieval bundle's fingerprint). Checkpoints are per epoch: an epoch is seconds to
+    minutes here, and a killed run loses at most the one in progress."""
     if retrieval is None and (config.share > 0 or config.monitor == "ndcg@20"):
         raise DataError("hard negatives and the two-stage monitor need the retrieval stage's candidates")
     runtime, group = runtime or Runtime(), current()
@@ -278,7 +288,38 @@ def train_ranker(
     history: list[dict[str, Any]] = []
     stopper = EarlyStopping(config.patience)
     total_rows, total_time, diverged, guard = 0, 0.0, None, LossGuard()
-    for epoch in range(1, config.epochs + 1):
+    ckpt, first_epoch = None, 1
+    if checkpointing is not None:
+        if checkpointing.every:
+            raise ConfigError("the rankers checkpoint at the end of each epoch; --checkpoint-every is MIND's")
+        ckpt = Checkpointer(checkpointing, {"model": model.config.to_dict(), "train": asdict(config),
+                                            "data_fingerprint": ds.fingerprint, "split_seed": split.seed,
+                                            **(identity or {})}, group, runtime.device)
+        resumed = ckpt.load()
+        if resumed is not None:
+            ckpt.restore(resumed, model, [opt], {}, rng)
+            loop = resumed["loop"]
+            first_epoch, history = resumed["epoch"], loop["history"]
+            stopper.best, stopper.best_epoch, stopper.stale = loop["best"], loop["best_epoch"], loop["stale"]
+            stopper.best_state = resumed["best_state"]
+            total_rows, total_time, guard.first = loop["total_rows"], loop["total_time"], loop["guard_first"]
+            if group.parallel:  # each rank's in-batch generator as it stood
+                batch_rng.bit_generator.state = loop["batch_rng"][group.rank]
+            if stopper.should_stop or first_epoch > config.epochs:
+                log.info("%s: the checkpoint's run had ended (epoch %d): nothing left to train", config.model,
+                         first_epoch - 1)
+
+    def checkpoint(epoch: int) -> None:
+        assert ckpt is not None
+        ranks = gather_to_main(batch_rng.bit_generator.state, group) if group.parallel else None
+        loop = {"history": history, "best": stopper.best, "best_epoch": stopper.best_epoch, "stale": stopper.stale,
+                "total_rows": total_rows, "total_time": total_time, "guard_first": guard.first, "batch_rng": ranks}
+        ckpt.save(epoch, 0, model, [opt], {}, rng.bit_generator.state, rng.bit_generator.state, loop,
+                  stopper.best_state)
+
+    for epoch in range(first_epoch, config.epochs + 1):
+        if stopper.should_stop:
+            break
         rows = training_pairs(ds, split, touched, config.negatives, rng,
                               retrieval.hard if retrieval is not None else None, config.share, config.horizon)
         steps = list(step_groups(rows, config.negatives, config.batch_size, rng))
@@ -337,7 +378,8 @@ def train_ranker(
         elif stopper.should_stop:
             log.info("early stop: no better validation %s for %d epochs (best epoch %d)", config.monitor,
                      stopper.stale, stopper.best_epoch)
-            break
+        if ckpt is not None:
+            checkpoint(epoch + 1)
     stopper.restore(model)
     model.eval()
     best = {k: v for k, v in history[stopper.best_epoch - 1].items() if k.startswith("val_")}
@@ -347,6 +389,8 @@ def train_ranker(
         log.info("%s fusion weight %.2f on validation: ndcg@20 %.4f (ranker alone %.4f, retrieval %.4f)",
                  config.model, fusion["weight"], max(fusion["val_ndcg@20_by_weight"].values()),
                  fusion["val_ndcg@20_by_weight"]["0.0"], fusion["val_retrieval_ndcg@20"])
+    if ckpt is not None:
+        ckpt.finish()
     return RankTrainResult(model, history, stopper.best_epoch, best["val_auc"], total_rows / total_time, best, fusion,
                            diverged)
 
