@@ -175,6 +175,11 @@ class Prepared:
     sample_scores: np.ndarray  # (U, S) max_k u_k·v over the channels' item sample
     embed: Callable[[np.ndarray], np.ndarray]  # item indices (E,) -> (E, D) vectors
     interests: Interests  # the model's interests (vectors above, plus mass and behaviour weights: explanations)
+    # Work that does not depend on the kNN weight, kept for the next `fuse` of the same batch (tuning tries
+    # many weights): MIND's top n per (index, prior weight, n), and the MIND score and best interest of
+    # every kNN entry.
+    searched: dict[tuple[int, float, int], np.ndarray] = field(default_factory=dict, repr=False)
+    knn_mind: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 @torch.inference_mode()
@@ -200,6 +205,21 @@ def _best_interest(vectors: np.ndarray, active: np.ndarray, items: np.ndarray) -
     return s.max(axis=1)
 
 
+def _mind_scores(p: Prepared, rows: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each (row, item) entry's MIND score max_k u_k·v_i over the row's active interests, and that k."""
+    uniq, inv = np.unique(items, return_inverse=True)
+    item_vec = p.embed(uniq)  # (I, D)
+    mind = np.empty(len(rows), dtype=np.float32)
+    best = np.empty(len(rows), dtype=np.int64)
+    for s in range(0, len(rows), ENTRY_CHUNK):
+        r, v = rows[s : s + ENTRY_CHUNK], item_vec[inv[s : s + ENTRY_CHUNK]]
+        sc = np.einsum("ekd,ed->ek", p.vectors[r], v)  # (E', K)
+        sc[~p.active[r]] = -np.inf
+        best[s : s + ENTRY_CHUNK] = sc.argmax(1)
+        mind[s : s + ENTRY_CHUNK] = sc.max(1)
+    return mind, best
+
+
 def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWeights, n: int) -> Recommendations:
     """The top n of the fused score per history (module docstring), with each item's channel."""
     U, K, D = p.vectors.shape
@@ -211,28 +231,31 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
     else:
         raise RetrievalError(f"the index has d={index.d}; a prior needs the item vectors (d={D}) plus the prior "
                              "coordinate: build the index with --channels")
-    ids, _, _ = search_top_n(index, queries, p.active, n, exclude=p.exclude, strategy="best")  # (U, n)
+    key = (id(index), w, n)
+    if key not in p.searched:
+        p.searched[key] = search_top_n(index, queries, p.active, n, exclude=p.exclude, strategy="best")[0]  # (U, n)
+    ids = p.searched[key]
     rows = np.repeat(np.arange(U, dtype=np.int64), n)
     items = ids.reshape(-1) + 1
     keep = items > 0
     rows, items = rows[keep], items[keep]
-    if a > 0 and len(p.knn.items):
-        rows, items = np.concatenate([rows, p.knn.rows]), np.concatenate([items, p.knn.items])
     span = np.int64(len(channels.log_freq))
-    keys = np.unique(rows * span + items)  # (E,) candidates, sorted by row then item
+    knn_on = a > 0 and len(p.knn.items) > 0
+    if knn_on:  # the kNN entries (unique, each scored once per batch) and MIND's top n outside them
+        if p.knn_mind is None:
+            p.knn_mind = _mind_scores(p, p.knn.rows, p.knn.items)
+        knn_keys = p.knn.rows * span + p.knn.items  # sorted: by row, then item
+        m_keys = rows * span + items
+        pos = np.minimum(np.searchsorted(knn_keys, m_keys), len(knn_keys) - 1)
+        m_keys = np.unique(m_keys[knn_keys[pos] != m_keys])
+        m_mind, m_best = _mind_scores(p, m_keys // span, m_keys % span)
+        keys = np.concatenate([knn_keys, m_keys])
+        mind, best = np.concatenate([p.knn_mind[0], m_mind]), np.concatenate([p.knn_mind[1], m_best])
+        knn = np.concatenate([p.knn.scores, np.zeros(len(m_keys), dtype=p.knn.scores.dtype)])
+    else:
+        keys = np.unique(rows * span + items)  # (E,) candidates, sorted by row then item
+        mind, best = _mind_scores(p, keys // span, keys % span)
     rows, items = keys // span, keys % span
-
-    # each candidate's MIND score and best interest
-    uniq, inv = np.unique(items, return_inverse=True)
-    item_vec = p.embed(uniq)  # (I, D)
-    mind = np.empty(len(keys), dtype=np.float32)
-    best = np.empty(len(keys), dtype=np.int64)
-    for s in range(0, len(keys), ENTRY_CHUNK):
-        r, v = rows[s : s + ENTRY_CHUNK], item_vec[inv[s : s + ENTRY_CHUNK]]
-        sc = np.einsum("ekd,ed->ek", p.vectors[r], v)  # (E', K)
-        sc[~p.active[r]] = -np.inf
-        best[s : s + ENTRY_CHUNK] = sc.argmax(1)
-        mind[s : s + ENTRY_CHUNK] = sc.max(1)
     lf = channels.log_freq[items]
 
     # standardisation: MIND (+ prior) over the item sample, kNN over all items
@@ -250,11 +273,8 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
         s1, s2 = p.knn.sums()
         k_mu = s1 / n_items
         k_sd = np.sqrt(np.maximum(s2 / n_items - k_mu**2, 0.0))
-        pos = np.searchsorted(p.knn.rows * span + p.knn.items, keys)  # knn entries are sorted the same way
-        pos = np.minimum(pos, max(len(p.knn.items) - 1, 0))
-        hit = (len(p.knn.items) > 0) & (p.knn.rows[pos] == rows) & (p.knn.items[pos] == items) if len(p.knn.items) \
-            else np.zeros(len(keys), dtype=bool)
-        knn = np.where(hit, p.knn.scores[pos] if len(p.knn.items) else 0.0, 0.0)
+        if not knn_on:  # no kNN entry in this batch: every candidate's kNN score is 0
+            knn = np.zeros(len(keys))
         ok = k_sd[rows] > 0
         c_knn = np.where(ok, a * (knn - k_mu[rows]) / np.where(ok, k_sd[rows], 1.0), 0.0)
         fused = fused + c_knn
