@@ -895,6 +895,7 @@ def experiment_rankers(
     hard_share: Annotated[float, typer.Option(min=0, max=1, help="Share of negatives from the retriever's top-M.")] = 0.0,
     candidates: Annotated[int, typer.Option(min=1, help="M: retrieval candidates reranked.")] = 200,
     seed: Seed = 0,
+    part: Part = "test",
     jobs: Annotated[int, typer.Option(min=1, help="Seeds run side by side, one torch thread each (timings then per job).")] = 1,
     force: Force = False,
     device: Device = "auto",
@@ -939,7 +940,8 @@ def experiment_rankers(
             atomic_write_bytes(md, format_ranker_markdown(partial).encode())
 
         report = run_ranker_experiment(ds, spec, seed_list, variants, {"seed": seed}, TrainConfig(seed=seed),
-                                       rank_train, m=candidates, jobs=jobs, on_seed=write if group.main else None,
+                                       rank_train, part=part, m=candidates, jobs=jobs,
+                                       on_seed=write if group.main else None,
                                        runtime=runtime)
         if group.main:
             write(report)
