@@ -239,6 +239,8 @@ USAGE = [
      "'max' is not one of 'best', 'share'"),
     ("evaluate --part", ("evaluate", "--bundle", "B", "--part", "val"), "--part",
      "'val' is not one of 'test', 'validation'"),
+    ("experiment-rankers --part", ("experiment-rankers", "--interactions", LOG, "--out", "e.json", "--part", "train"),
+     "--part", "'train' is not one of 'test', 'validation'"),
     ("generate --format", ("generate", "--out", "X", "--format", "tsv"), "--format",
      "'tsv' is not one of 'csv', 'parquet'"),
     ("generate --method", ("generate", "--out", "X", "--method", "fast"), "--method",
