@@ -6,6 +6,7 @@ so the whole session costs a few seconds of training on two cores.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner, Result
 
 from cli import app
 from data.synthetic import SyntheticConfig, generate
+from retrieval.artifacts import dir_fingerprint, write_manifest
 
 SMALL = SyntheticConfig(n_users=150, n_items=300, n_topics=10, max_len=60, mean_len=40.0, seed=3)
 # A second, different log: a K=1 bundle trained on it is "trained on other data".
@@ -127,3 +129,13 @@ def din_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathFac
     result = invoke("train-ranker", "--bundle", bundle_k4, "--out", out, "--epochs", "1", "--dim", "8")
     assert result.exit_code == 0, result.output
     return out
+
+
+def rewrite_config(path: Path, change: Callable[[dict], object]) -> None:
+    """Change config.json and re-sign the bundle, as a bundle written by other code would be."""
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["bundle_fingerprint"] = dir_fingerprint(path)
+    write_manifest(path, manifest)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rewrite_config
 
-from retrieval.artifacts import dir_fingerprint, package_versions, write_manifest
+from retrieval.artifacts import dir_fingerprint, package_versions
 from retrieval.bundle import Bundle, load_bundle, save_bundle
 from retrieval.errors import ArtifactError
 from retrieval.recommend import interest_vectors
@@ -31,16 +32,6 @@ def users_of(b: Bundle) -> tuple[np.ndarray, np.ndarray]:
 def copy_of(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def rewrite_config(path: Path, change) -> None:
-    """Change config.json and re-sign the bundle, as a bundle written by other code would be."""
-    config = json.loads((path / "config.json").read_text())
-    change(config)
-    (path / "config.json").write_text(json.dumps(config))
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["bundle_fingerprint"] = dir_fingerprint(path)
-    write_manifest(path, manifest)
 
 
 def test_manifest_fields(bundle: Bundle, bundle_k4: Path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error, assert_usage_error
+from conftest import assert_clean_error, assert_usage_error, rewrite_config
 import torch
 
 from retrieval.bundle import load_bundle
@@ -755,18 +755,11 @@ def test_train_ranker_mixed_negatives_two_stage_monitor_and_fusion(invoke, bundl
 
 def test_query_rank_serves_the_fused_order(invoke, bundle_k4, index_k4, ranker_din, small, tmp_path):
     """A ranker whose retrieval weight is 2: query --rank orders by logit + 2 × standardised retrieval score."""
-    from retrieval.artifacts import MANIFEST_CHECKSUM, dir_fingerprint, write_manifest
     from retrieval.ranking.scoring import fuse
 
     fused = tmp_path / "fused"
     shutil.copytree(ranker_din, fused)
-    config = json.loads((fused / "config.json").read_text())
-    config["model"]["retrieval_weight"] = 2.0
-    (fused / "config.json").write_text(json.dumps(config))
-    manifest = json.loads((fused / "manifest.json").read_text())
-    manifest.pop(MANIFEST_CHECKSUM)
-    manifest["bundle_fingerprint"] = dir_fingerprint(fused)
-    write_manifest(fused, manifest)  # resealed: the edit is this test's, not a corruption
+    rewrite_config(fused, lambda c: c["model"].update(retrieval_weight=2.0))  # resealed: the edit is this test's
     ds = small.dataset
     retrieved = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30")["items"]
     ranked = query_json(invoke, bundle_k4, index_k4, "--user", USER, "-n", "30", "--rank", fused,
@@ -845,16 +838,9 @@ def test_ranker_bundle_that_is_not_one(invoke, bundle_k4, index_k4, tmp_path):
 
 def test_ranker_bundle_with_a_consistent_but_wrong_config(invoke, bundle_k4, index_k4, ranker_din, tmp_path):
     """Edited and re-fingerprinted (so not caught as tampering): the weights no longer fit."""
-    from retrieval.artifacts import dir_fingerprint, write_manifest
-
     bad = tmp_path / "resized"
     shutil.copytree(ranker_din, bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["model"]["dim"] = 6
-    (bad / "config.json").write_text(json.dumps(config))
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["bundle_fingerprint"] = dir_fingerprint(bad)
-    write_manifest(bad, manifest)
+    rewrite_config(bad, lambda c: c["model"].update(dim=6))
     result = invoke("query", "--bundle", bundle_k4, "--index", index_k4, "--user", USER, "--rank", bad)
     assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
