@@ -569,6 +569,14 @@ def make_split(ds: Dataset, kind: str = "user", seed: int = 2026) -> Split:
     raise DataError(f"unknown split {kind!r}; use one of {', '.join(SPLITS)}")
 
 
+def within_prefix(ds: Dataset, ends: np.ndarray) -> np.ndarray:
+    """(E,) bool: whether each interaction is among its user's first ends[u] (ends (U,), e.g. a
+    split's history_len: its training data)."""
+    lengths = ds.lengths()
+    pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)  # (E,) place in its sequence
+    return pos < np.repeat(ends, lengths)
+
+
 def item_counts(ds: Dataset, users: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
     """(N+1,) how many times each item occurs in the given users' sequences (index 0 stays 0);
     with `ends` (U,) (e.g. a split's history_len), only in each user's first ends[u] items."""
@@ -582,9 +590,7 @@ def item_counts(ds: Dataset, users: np.ndarray, ends: np.ndarray | None = None) 
         return item_counts(ds, users)
     take = np.zeros(ds.n_users, dtype=np.int64)
     take[users] = ends[users]
-    # (E,) position of each interaction within its user's sequence, against that user's cut
-    pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)
-    return np.bincount(ds.items[pos < np.repeat(take, lengths)], minlength=ds.n_items + 1)
+    return np.bincount(ds.items[within_prefix(ds, take)], minlength=ds.n_items + 1)
 
 
 def training_counts(ds: Dataset, split: Split) -> np.ndarray:

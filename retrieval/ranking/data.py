@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.data import Dataset, Split
+from retrieval.data import Dataset, Split, within_prefix
 from retrieval.errors import DataError
 from retrieval.ranking.common import RankBatch
 from retrieval.samples import Histories, Sequences, gather_histories, profile_features
@@ -34,8 +34,7 @@ class TouchedItems:
         users = np.repeat(np.arange(ds.n_users, dtype=np.int64), lengths)
         keys = users * self.width + ds.items.astype(np.int64)
         if ends is not None and not np.array_equal(ends, lengths):
-            pos = np.arange(len(ds.items), dtype=np.int64) - np.repeat(ds.offsets[:-1], lengths)  # (E,) place in its sequence
-            keys = keys[pos < np.repeat(ends, lengths)]
+            keys = keys[within_prefix(ds, ends)]
         self.keys = np.unique(keys)
         self.n_items = ds.n_items
         self.user_ids = ds.user_ids
