@@ -255,6 +255,7 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
     else:
         keys = np.unique(rows * span + items)  # (E,) candidates, sorted by row then item
         mind, best = _mind_scores(p, keys // span, keys % span)
+        knn = np.zeros(len(keys))  # no kNN entry in play: every candidate's kNN score is 0
     rows, items = keys // span, keys % span
     lf = channels.log_freq[items]
 
@@ -273,8 +274,6 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
         s1, s2 = p.knn.sums()
         k_mu = s1 / n_items
         k_sd = np.sqrt(np.maximum(s2 / n_items - k_mu**2, 0.0))
-        if not knn_on:  # no kNN entry in this batch: every candidate's kNN score is 0
-            knn = np.zeros(len(keys))
         ok = k_sd[rows] > 0
         c_knn = np.where(ok, a * (knn - k_mu[rows]) / np.where(ok, k_sd[rows], 1.0), 0.0)
         fused = fused + c_knn
