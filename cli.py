@@ -375,50 +375,53 @@ def build_index_cmd(
     target_recall: Annotated[Optional[float], typer.Option(help="Raise nprobe (IVF) or efSearch (HNSW) until the served top-N of sampled validation users reaches this recall against exact search; the choice is recorded in the manifest and used by query. An index without such a parameter (Flat, PQ) is measured once and must reach it as it is.")] = None,
     tune_users: Annotated[int, typer.Option(min=1, help="Validation users sampled for --target-recall.")] = 1000,
     tune_n: Annotated[int, typer.Option(min=1, help="N of the recall@N that --target-recall measures.")] = 50,
-    channels: Annotated[bool, typer.Option("--channels/--no-channels", help="The merged retriever: MIND's interests, item-kNN over the history and an item-popularity prior, weights chosen on validation users and stored with the index (query and evaluate then use it).")] = False,
-    knn_k: Annotated[int, typer.Option(min=1, help="With --channels: neighbours kept per item in the item-kNN table.")] = 100,
+    channels: Annotated[bool, typer.Option("--channels/--no-channels", help="The merged retriever (the default): MIND's interests, item-kNN over the history and an item-popularity prior, its table size and weights chosen on validation users and stored with the index (query, evaluate and serve then use it). --no-channels: MIND alone.")] = True,
+    knn_k: Annotated[str, typer.Option(help="With --channels: neighbours per item in the item-kNN table, comma-separated sizes, the best on validation users kept.")] = "50,100,200",
     force: Force = False,
 ) -> None:
-    """Embed every item with the trained model and write a FAISS inner-product index."""
-    from index.faiss_index import KIND, build_index, save_index
-    from index.tuning import check_target_recall, tune_on_validation
+    """Embed every item with the trained model and write a FAISS inner-product index (with the
+    merged retriever's channels unless --no-channels)."""
+    from index.build import build_bundle_index
+    from index.faiss_index import KIND, save_index
+    from index.tuning import check_target_recall
     from retrieval.bundle import load_bundle
 
     if target_recall is not None:
         check_target_recall(target_recall)
+    knn_sizes = _knn_sizes(knn_k)
     _claim(out, KIND, (bundle,), force)
     b = load_bundle(bundle)
-    vectors = b.model.item_vectors().detach().numpy()
-    files, ch = None, None
-    if channels:
-        from retrieval.channels import build_channels, channel_files, prior_vectors
 
-        ch = build_channels(b.dataset, b.split, k=knn_k, max_len=b.config["model"]["max_len"])
-        vectors = prior_vectors(vectors, ch)  # (N, D+1): the prior coordinate
-    index = build_index(vectors, factory)
-    manifest = {"factory": factory, "bundle_fingerprint": b.fingerprint, "bundle": str(bundle)}
-    tuning = None
-    if target_recall is not None:
-        tuning = tune_on_validation(index, b, vectors, target_recall, n=tune_n, max_users=tune_users)
-        manifest.update(tuning.manifest())
-    if ch is not None:
-        from retrieval.channels import tune_channels
+    def setting(done: int, total: int) -> None:
+        typer.echo(f"channels: setting {done}/{total} tried on validation users", err=True)
 
-        tuned = tune_channels(b.model, b.dataset, b.split, index, ch, n=tune_n)
-        ch.weights, ch.prior_only = tuned.merged, tuned.prior_only.prior
-        manifest["channels"] = {**ch.settings(), "objective": tuned.objective, "validation_users": tuned.users,
-                                "validation_trials": tuned.trials}
-        files = channel_files(ch)
-    save_index(index, out, manifest, files=files)
-    typer.echo(f"index: {out}  {factory}  {index.ntotal} items  d={index.d}")
-    if ch is not None:
+    built = build_bundle_index(b, str(bundle), factory, channels=channels, knn_k=knn_sizes,
+                               target_recall=target_recall, tune_users=tune_users, tune_n=tune_n, on_setting=setting)
+    save_index(built.index, out, built.manifest, files=built.files)
+    typer.echo(f"index: {out}  {factory}  {built.index.ntotal} items  d={built.index.d}")
+    if built.chosen is not None:
+        ch, tuned = built.chosen.channels, built.chosen.tuned
         at = [t for t in tuned.trials if (t["prior"], t["item_knn"]) == (ch.weights.prior, ch.weights.item_knn)][0]
+        half = "" if ch.halflife is None else f", prior half-life {ch.halflife:.4g}"
         typer.echo(f"channels: prior weight {ch.weights.prior:.4g}, item-kNN weight {ch.weights.item_knn:.3g} "
-                   f"(k={knn_k}), chosen on {tuned.users} validation users: recall@{tune_n} {at[f'recall@{tune_n}']:.4f}")
-    if tuning is not None:
-        setting = f"{tuning.search_param}={tuning.search_value}" if tuning.search_param else "no search parameter"
-        typer.echo(f"tuned: {setting}  recall@{tuning.n} {tuning.recall:.4f} against exact search on "
+                   f"(k={ch.neighbours.k}{half}), chosen on {tuned.users} validation users: "
+                   f"recall@{tune_n} {at[f'recall@{tune_n}']:.4f}")
+    if built.tuning is not None:
+        tuning = built.tuning
+        setting_ = f"{tuning.search_param}={tuning.search_value}" if tuning.search_param else "no search parameter"
+        typer.echo(f"tuned: {setting_}  recall@{tuning.n} {tuning.recall:.4f} against exact search on "
                    f"{tuning.users} validation users (target {tuning.target_recall})")
+
+
+def _knn_sizes(knn_k: str) -> list[int]:
+    """--knn-k: comma-separated positive neighbour-table sizes."""
+    try:
+        sizes = [int(k) for k in knn_k.split(",") if k.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
+    return sizes
 
 
 def _read_users_file(path: Path) -> list[str]:
@@ -809,12 +812,7 @@ def experiment(
         _fail(f"--train-seeds must be comma-separated integers, got {train_seeds!r}")
     if not train_seed_list or min(train_seed_list) < 0 or len(set(train_seed_list)) < len(train_seed_list):
         _fail(f"--train-seeds must be distinct non-negative integers, at least one, got {train_seeds!r}")
-    try:
-        knn_sizes = [int(k) for k in knn_k.split(",") if k.strip()]
-        if not knn_sizes or min(knn_sizes) < 1:
-            raise ValueError
-    except ValueError:
-        _fail(f"--knn-k must be comma-separated positive integers, got {knn_k!r}")
+    knn_sizes = _knn_sizes(knn_k)
     k = _interest_count(interests)
     model_settings: dict[str, Any] = {"interests": interests if k is None else k, "dim": dim, "max_len": max_len,
                                       "pow": pow, "attention": _attention(extractor, attention), "seed": seed}

@@ -194,10 +194,13 @@ def tune_on_validation(
     n: int = 50,
     max_users: int = 1000,
     seed: int = 0,
+    prior_weight: float = 0.0,
 ) -> Tuning:
     """tune_search_param on up to max_users validation users of the bundle's split (sampled
     with default_rng(seed)), each with the protocol's history and that history excluded,
-    as `evaluate` serves them. Test users never choose a setting."""
+    as `evaluate` serves them. Test users never choose a setting. An index of the merged
+    retriever (item vectors, prior, padding) is searched as it serves: each interest with
+    the chosen `prior_weight` after it."""
     check_target_recall(target)
     users, ends, _ = held_out_users(bundle.dataset, bundle.split, "validation")
     if len(users) > max_users:
@@ -207,7 +210,10 @@ def tune_on_validation(
         raise RetrievalError("no validation users to tune the index on (the split has none with a ground truth)")
     hist = Histories.of(bundle.dataset, users, ends)
     it = interest_vectors(bundle.model, bundle.dataset, hist)
-    queries = pad_queries(it.vectors.numpy(), index.d)  # an index with a prior coordinate: MIND's part
+    queries = it.vectors.numpy()  # (U, K, D)
+    if index.d > queries.shape[-1]:  # the merged retriever's index: [u_k, w, 0...] as served
+        weight = np.full((*queries.shape[:-1], 1), prior_weight, dtype=queries.dtype)
+        queries = pad_queries(np.concatenate([queries, weight], axis=-1), index.d)
     tuning = tune_search_param(index, xb, queries, it.active.numpy(), n, target, exclude=history_rows(hist))
     tuning.part = "validation"
     return tuning

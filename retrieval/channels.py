@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.faiss_index import build_index, search_top_n
+from index.faiss_index import build_index, empty_index, pad_queries, search_top_n
 from retrieval.data import Dataset, Split, held_out_users
 from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.metrics import mean_metrics, topn_metrics
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 CHANNELS = ("mind", "popularity", "item_knn")  # Recommendations.channel codes 0, 1, 2 (-1 = no item)
 CHANNELS_FILE = "channels.npz"
 SAMPLE = 2048  # items whose MIND scores standardise a user's MIND term
+KNN_K = (50, 100, 200)  # neighbours per item in the item-kNN table: tried, chosen on validation
+HALFLIVES = (0.02, 0.1)  # temporal split: recency half-lives of the prior's frequency tried beside plain counts,
+# as fractions of the training period (a prior that follows what is popular now)
 PRIOR_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)  # w in units of median std(u·v) / std(log f)
 KNN_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # a: kNN weight beside MIND's (both standardised)
 ENTRY_CHUNK = 65536  # candidates scored against their user's interests at a time
@@ -119,14 +122,33 @@ def build_channels(ds: Dataset, split: Split, k: int = 50, max_len: int = 50, ha
                     halflife=halflife)
 
 
-def prior_vectors(item_vectors: np.ndarray, channels: Channels) -> np.ndarray:
-    """(N, D+1) item vectors with log(1 + f) appended: what the index of a merged retriever holds."""
-    return np.hstack([np.asarray(item_vectors, dtype=np.float32), channels.log_freq[1:, None]])
+def prior_vectors(item_vectors: np.ndarray, channels: Channels, width: int | None = None) -> np.ndarray:
+    """(N, width) item vectors with log(1 + f) appended (width D+1 unless given): what the index
+    of a merged retriever holds. A wider index (a PQ whose M must divide the width) holds zeros
+    after the prior, which the queries' zeros meet (pad_queries)."""
+    vectors = np.hstack([np.asarray(item_vectors, dtype=np.float32), channels.log_freq[1:, None]])
+    return pad_queries(vectors, width) if width is not None else vectors
+
+
+def prior_width(factory: str, d: int) -> int:
+    """The narrowest width >= d + 1 (the item vectors and the prior) that `factory` can index:
+    d + 1 for Flat, IVF and HNSW; for a product quantizer with M sub-quantizers the next
+    multiple of M (its codes keep M bytes; the padding coordinates are zeros)."""
+    empty_index(factory, d)  # a factory wrong in itself is refused as for MIND alone
+    for width in range(d + 1, 2 * (d + 1) + 1):
+        try:
+            empty_index(factory, width)
+        except RetrievalError:
+            continue
+        return width
+    empty_index(factory, d + 1)  # raises with faiss's reason
+    return d + 1
 
 
 def prior_index(model: Retriever, channels: Channels, factory: str = "Flat") -> faiss.Index:
     """An index over the model's item vectors with the prior coordinate (exact with "Flat")."""
-    return build_index(prior_vectors(model.item_vectors().detach().numpy(), channels), factory)
+    vectors = model.item_vectors().detach().numpy()
+    return build_index(prior_vectors(vectors, channels, prior_width(factory, vectors.shape[1])), factory)
 
 
 # ---------------------------------------------------------------------------- artifact
@@ -224,8 +246,9 @@ def fuse(p: Prepared, index: faiss.Index, channels: Channels, weights: ChannelWe
     """The top n of the fused score per history (module docstring), with each item's channel."""
     U, K, D = p.vectors.shape
     w, a = float(weights.prior), float(weights.item_knn)
-    if index.d == D + 1:
+    if index.d > D:
         queries = np.concatenate([p.vectors, np.full((U, K, 1), w, dtype=np.float32)], axis=2)  # (U, K, D+1)
+        queries = pad_queries(queries, index.d)  # (U, K, width): zeros where a PQ index holds padding
     elif index.d == D and w == 0:
         queries = p.vectors
     else:
@@ -392,3 +415,61 @@ def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Inde
     log.info("channel weights on %d %s users: prior %.4g alone; prior %.4g + item-kNN %.3g (%s %.4f)",
              len(users), part, prior_only.prior, w, a, goal, seen[(w, a)])
     return Tuned(prior_only, knn_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)])
+
+
+# ---------------------------------------------------------------------------- choice
+
+
+@dataclass
+class Chosen:
+    """The merged retriever as chosen on validation users."""
+
+    channels: Channels  # weights set to the merged ones (0, 0: MIND alone, when there are no validation users)
+    index: faiss.Index  # exact index over the item vectors and the chosen prior (width D+1)
+    tuned: Tuned | None  # None without validation users
+    settings: list[dict[str, Any]]  # each (knn_k, halflife) tried and its validation objective
+
+
+def training_span(ds: Dataset, split: Split) -> float:
+    """Length of the training period in timestamp units (last minus first training time)."""
+    lengths = split.history_len[split.train_users]
+    if not lengths.sum():
+        return 0.0
+    first = ds.times[ds.offsets[split.train_users][lengths > 0]]
+    last = ds.times[ds.offsets[split.train_users][lengths > 0] + lengths[lengths > 0] - 1]
+    return float(last.max() - first.min())
+
+
+def choose_channels(model: Retriever, ds: Dataset, split: Split, sizes: int | Sequence[int] = KNN_K,
+                    max_len: int = 50, n: int = 50, require_validation: bool = False,
+                    on_setting: Callable[[int, int], None] | None = None) -> Chosen:
+    """Every choice of the merged retriever on the split's validation users: the neighbour
+    table's size (each of `sizes`), on the temporal split then the prior's recency half-life
+    (HALFLIVES of the training period, beside plain counts), and the weights (tune_channels).
+    Without validation users the first setting is kept with weights 0 (MIND alone), or
+    RetrievalError when `require_validation`. `on_setting(done, total)` reports progress."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    v_users = held_out_users(ds, split, "validation")[0]
+    if not len(v_users) and require_validation:
+        raise RetrievalError("no validation users with a ground truth to choose the merged retriever's weights on")
+    best: tuple[Tuned | None, Channels, faiss.Index] | None = None
+    tried: list[dict[str, Any]] = []
+    settings: list[tuple[int, float | None]] = [(k, None) for k in sizes]
+    total = len(sizes) + (len(HALFLIVES) if split.kind == "time" else 0)
+    for step in range(2 if split.kind == "time" else 1):
+        for k, halflife in settings:
+            ch = build_channels(ds, split, k=k, max_len=max_len, halflife=halflife)
+            ch_index = prior_index(model, ch)
+            if not len(v_users):
+                return Chosen(ch, ch_index, None, [{"knn_k": k, "halflife": halflife}])
+            t = tune_channels(model, ds, split, ch_index, ch, n=n)
+            tried.append({"knn_k": k, "halflife": halflife, t.objective: round(t.best, 6)})
+            if on_setting is not None:
+                on_setting(len(tried), total)
+            if best is None or t.best > best[0].best:  # type: ignore[union-attr]
+                best = (t, ch, ch_index)
+        period = training_span(ds, split)
+        settings = [(best[1].neighbours.k, f * period) for f in HALFLIVES if period > 0]  # type: ignore[index]
+    tuned, channels, index = best  # type: ignore[misc]
+    channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior  # type: ignore[union-attr]
+    return Chosen(channels, index, tuned, tried)

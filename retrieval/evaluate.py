@@ -25,7 +25,7 @@ from index.torch_search import TorchFlatIndex
 from retrieval.artifacts import package_versions
 from retrieval.baselines import item_knn, popularity
 from retrieval.bundle import Bundle
-from retrieval.channels import CHANNELS, ChannelWeights, Channels, build_channels, prior_index, retrieve, tune_channels
+from retrieval.channels import CHANNELS, KNN_K, ChannelWeights, Channels, choose_channels, retrieve
 from retrieval.data import Dataset, Split, held_out_users  # noqa: F401  (held_out_users: imported from here by others)
 from retrieval.errors import ArtifactError
 from retrieval.metrics import mean_metrics, topn_metrics
@@ -37,9 +37,6 @@ from retrieval.samples import Histories
 REPORT_KIND = "retrieval-report"  # the "kind" of the JSON report `retrieve evaluate --out` writes
 NS = (20, 50)
 CURVE_N = 200  # Recall@N is reported for N = 1..CURVE_N (the pictures)
-KNN_K = (50, 100, 200)  # neighbours per item in the merged retriever's item-kNN table: tried, chosen on validation
-HALFLIVES = (0.02, 0.1)  # temporal split: recency half-lives of the prior's frequency tried beside plain counts,
-# as fractions of the training period (a prior that follows what is popular now)
 
 
 def _ranked_figures(ranked: np.ndarray, truth: list[np.ndarray], ns: Sequence[int], lengths: np.ndarray,
@@ -54,16 +51,6 @@ def _ranked_figures(ranked: np.ndarray, truth: list[np.ndarray], ns: Sequence[in
     curve = (np.cumsum(hits[:, :width], axis=1) / g[:, None]).mean(0) if len(truth) else np.zeros(width)
     n = max(ns)
     return figures, [round(float(x), 6) for x in curve], by_history_length(ranked, truth, lengths, n), hits[:, :n]
-
-
-def _training_span(ds: Dataset, split: Split) -> float:
-    """Length of the training period in timestamp units (last minus first training time)."""
-    lengths = split.history_len[split.train_users]
-    if not lengths.sum():
-        return 0.0
-    first = ds.times[ds.offsets[split.train_users][lengths > 0]]
-    last = ds.times[ds.offsets[split.train_users][lengths > 0] + lengths[lengths > 0] - 1]
-    return float(last.max() - first.min())
 
 
 def exact_index(model: Retriever) -> faiss.Index | TorchFlatIndex:
@@ -119,25 +106,8 @@ def evaluate_models(
     # The channels' weights are chosen on validation users only.
     tuned = None
     if channels is None:
-        best = None
-        sizes = [knn_k] if isinstance(knn_k, int) else list(knn_k)
-        # the table size, then (temporal split) the frequency's recency half-life, chosen on validation too
-        settings = [(k, None) for k in sizes]
-        for step in range(2 if split.kind == "time" else 1):
-            for k, halflife in settings:
-                ch = build_channels(ds, split, k=k, max_len=max_len, halflife=halflife)
-                ch_index = prior_index(mind, ch)
-                if not len(v_users):
-                    best = (None, ch, ch_index)
-                    break
-                t = tune_channels(mind, ds, split, ch_index, ch, n=n)
-                if best is None or t.best > best[0].best:
-                    best = (t, ch, ch_index)
-            period = _training_span(ds, split)
-            settings = [(best[1].neighbours.k, f * period) for f in HALFLIVES if period > 0]
-        tuned, channels, channel_index = best
-        if tuned is not None:
-            channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior
+        picked = choose_channels(mind, ds, split, knn_k, max_len=max_len, n=n)
+        tuned, channels, channel_index = picked.tuned, picked.channels, picked.index
     else:
         channel_index = index
     with_prior = dataclasses.replace(channels, weights=ChannelWeights(channels.prior_only, 0.0))

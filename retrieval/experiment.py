@@ -40,7 +40,8 @@ from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, make_split
 from retrieval.device import Runtime
 from retrieval.distributed import current, from_main
-from retrieval.evaluate import KNN_K, evaluate_models
+from retrieval.channels import KNN_K
+from retrieval.evaluate import evaluate_models
 from retrieval.retrievers import DEFAULT, RETRIEVERS, retriever_classes
 from retrieval.train import AUTO_INTERESTS, TrainConfig, TrainResult, choose_interests, model_config_for, search_figures, train
 

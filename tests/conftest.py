@@ -83,9 +83,9 @@ def tiny_k1_twice(
 
 @pytest.fixture(scope="session")
 def index_k4(invoke: Invoke, bundle_k4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Exact (Flat) index over the K=4 bundle's item vectors."""
+    """Exact (Flat) index over the K=4 bundle's item vectors: MIND alone (--no-channels)."""
     out = tmp_path_factory.mktemp("indexes") / "flat_k4"
-    result = invoke("build-index", "--bundle", bundle_k4, "--out", out)
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--no-channels")
     assert result.exit_code == 0, result.output
     return out
 
@@ -115,9 +115,9 @@ def assert_clean_error(result: Result, message: str) -> None:
 
 @pytest.fixture(scope="session")
 def index_k1(invoke: Invoke, bundle_k1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Exact (Flat) index over the K=1 bundle's item vectors (a second servable pair)."""
+    """Exact (Flat) index over the K=1 bundle's item vectors (a second servable pair; MIND alone)."""
     out = tmp_path_factory.mktemp("indexes") / "flat_k1"
-    result = invoke("build-index", "--bundle", bundle_k1, "--out", out)
+    result = invoke("build-index", "--bundle", bundle_k1, "--out", out, "--no-channels")
     assert result.exit_code == 0, result.output
     return out
 

@@ -12,8 +12,8 @@ import torch
 
 from data.synthetic import SyntheticConfig, generate
 from index.faiss_index import build_index, load_index, save_index
-from retrieval.channels import (CHANNELS, ChannelWeights, build_channels, channel_files, fuse, load_channels, prepare,
-                                prior_index, retrieve, tune_channels)
+from retrieval.channels import (CHANNELS, ChannelWeights, build_channels, channel_files, choose_channels, fuse,
+                                load_channels, prepare, prior_index, prior_vectors, prior_width, retrieve, tune_channels)
 from retrieval.data import DataSpec, held_out_users, load_dataset, split_users
 from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.evaluate import exact_index
@@ -202,3 +202,53 @@ def test_weights_are_chosen_on_validation_users(setup) -> None:
     first = tuned.trials[0]
     assert (first["prior"], first["item_knn"]) == (0.0, 0.0) and tuned.best > first["recall@20"] + first["ndcg@20"]
     assert dataclasses.asdict(tuned.merged).keys() == {"prior", "item_knn"}
+
+
+def test_choose_channels_keeps_the_best_table_and_its_weights(setup) -> None:
+    ds, split, model = setup
+    chosen = choose_channels(model, ds, split, (5, 10), max_len=20, n=20)
+    assert [(t["knn_k"], t["halflife"]) for t in chosen.settings] == [(5, None), (10, None)]  # user split: no half-life
+    best = max(chosen.settings, key=lambda t: t["recall@20+ndcg@20"])
+    assert chosen.channels.neighbours.k == best["knn_k"] and chosen.index.d == 9  # D=8 + the prior
+    # the oracle: tune_channels on that table alone gives the same weights
+    ch = build_channels(ds, split, k=best["knn_k"], max_len=20)
+    tuned = tune_channels(model, ds, split, prior_index(model, ch), ch, n=20)
+    assert chosen.channels.weights == tuned.merged and chosen.channels.prior_only == tuned.prior_only.prior
+    assert chosen.tuned.best == pytest.approx(best["recall@20+ndcg@20"])
+
+
+def test_choose_channels_without_validation_users(setup) -> None:
+    ds, split, model = setup
+    none = dataclasses.replace(split, val_users=split.val_users[:0])
+    with pytest.raises(RetrievalError, match="^no validation users with a ground truth to choose the merged "
+                                             "retriever's weights on$"):
+        choose_channels(model, ds, none, (5,), max_len=20, require_validation=True)
+    kept = choose_channels(model, ds, none, (5, 10), max_len=20)  # evaluate: MIND alone under the merged name
+    assert kept.tuned is None and kept.channels.weights == ChannelWeights(0.0, 0.0)
+
+
+@pytest.mark.parametrize(("factory", "width"), [("Flat", 9), ("HNSW16", 9), ("IVF4,Flat", 9), ("PQ1", 9),
+                                                 ("PQ4", 12), ("PQ2x4", 10), ("IVF4,PQ8", 16)])
+def test_prior_width_is_the_narrowest_the_factory_takes(factory: str, width: int) -> None:
+    assert prior_width(factory, 8) == width
+
+
+def test_a_bad_factory_is_refused_at_the_item_vectors_width() -> None:
+    with pytest.raises(RetrievalError, match="^bad faiss index factory 'Bogus' for d=8: "):
+        prior_width("Bogus", 8)
+
+
+def test_padding_after_the_prior_changes_nothing(setup) -> None:
+    ds, split, model = setup
+    ch = build_channels(ds, split, k=10, max_len=20)
+    ch.weights = ChannelWeights(0.7, 1.5)
+    vectors = model.item_vectors().detach().numpy()
+    users, ends, _ = held_out_users(ds, split, "validation")
+    hist = Histories.of(ds, users, ends)
+    narrow = retrieve(model, ds, build_index(prior_vectors(vectors, ch), "Flat"), hist, 20, channels=ch)
+    wide_index = build_index(prior_vectors(vectors, ch, width=12), "Flat")
+    assert wide_index.d == 12
+    wide = retrieve(model, ds, wide_index, hist, 20, channels=ch)
+    assert wide.items.tolist() == narrow.items.tolist()
+    np.testing.assert_allclose(wide.scores, narrow.scores, rtol=1e-5, atol=1e-5)
+    assert wide.channel.tolist() == narrow.channel.tolist()

@@ -344,6 +344,36 @@ def test_bad_factory_string(invoke, bundle_k4, tmp_path):
     assert not out.exists()
 
 
+def test_build_index_default_is_the_merged_retriever(invoke, bundle_k4, tmp_path):
+    from retrieval.bundle import load_bundle
+    from retrieval.channels import CHANNELS, choose_channels
+
+    out = tmp_path / "default"
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--knn-k", "10,20")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1].startswith("channels: prior weight ")
+    assert result.stderr.splitlines()[-2:] == ["channels: setting 1/2 tried on validation users",
+                                               "channels: setting 2/2 tried on validation users"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    ch = manifest["channels"]
+    assert [s["knn_k"] for s in ch["validation_settings"]] == [10, 20] and manifest["d"] == 17  # D=16 + the prior
+    # the oracle: the library's choice on the same bundle
+    b = load_bundle(bundle_k4)
+    chosen = choose_channels(b.model, b.dataset, b.split, (10, 20), max_len=b.config["model"]["max_len"])
+    assert ch["knn_k"] == chosen.channels.neighbours.k
+    assert ch["weights"] == {"prior": chosen.channels.weights.prior, "item_knn": chosen.channels.weights.item_knn}
+
+    # a product quantizer whose M does not divide D + 1 = 17: the index holds zeros up to 20
+    pq = tmp_path / "pq"
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", pq, "--factory", "PQ4", "--knn-k", "10")
+    assert result.exit_code == 0, result.output
+    assert json.loads((pq / "manifest.json").read_text())["d"] == 20
+    q = invoke("query", "--bundle", bundle_k4, "--index", pq, "--user", USER, "-n", "5", "--json")
+    assert q.exit_code == 0, q.output
+    rows = json.loads(q.stdout)["items"]
+    assert len(rows) == 5 and all(r["channel"] in CHANNELS for r in rows)
+
+
 def test_ivf_with_more_lists_than_items(invoke, bundle_k4, tmp_path):
     out = tmp_path / "index"
     result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--factory", "IVF4096,Flat")
@@ -367,7 +397,7 @@ def test_missing_bundle(invoke, index_k4, tmp_path):
 
 def test_hnsw_index_agrees_with_flat(invoke, bundle_k4, index_k4, tmp_path):
     hnsw = tmp_path / "hnsw"
-    result = invoke("build-index", "--bundle", bundle_k4, "--out", hnsw, "--factory", "HNSW16")
+    result = invoke("build-index", "--bundle", bundle_k4, "--out", hnsw, "--factory", "HNSW16", "--no-channels")
     assert result.exit_code == 0, result.output
     assert result.stdout.split() == ["index:", str(hnsw), "HNSW16", "300", "items", "d=16"]
     assert json.loads((hnsw / "manifest.json").read_text())["factory"] == "HNSW16"

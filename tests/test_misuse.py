@@ -306,7 +306,7 @@ def test_same_kind_is_replaced_whole_and_force_replaces_another_kind(invoke, ws)
     assert read_manifest(ws / "I", "index")["factory"] == "HNSW16"
     result = invoke("build-index", "--bundle", "B", "--out", "data", "--force")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (ws / "data").iterdir()) == ["index.faiss", "manifest.json"]
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["channels.npz", "index.faiss", "manifest.json"]
     result = invoke("evaluate", "--bundle", "B", "--out", "I", "--force", "--part", "validation")
     assert result.exit_code == 0, result.output
     assert json.loads((ws / "I").read_text())["kind"] == "retrieval-report"

@@ -14,6 +14,7 @@ from conftest import assert_clean_error
 from index.faiss_index import build_index, load_index, search_top_n, set_search_param
 from index.tuning import Tuning, exact_top_n, recall_against, tune_on_validation, tune_search_param
 from retrieval.bundle import load_bundle
+from retrieval.channels import load_channels, prior_vectors
 from retrieval.errors import RetrievalError
 
 N = 10
@@ -137,18 +138,20 @@ def test_build_index_target_recall_records_and_serves_the_choice(invoke, bundle_
     assert manifest["search_param"] == "nprobe" and 1 <= manifest["search_value"] <= 16
     assert tuning["recall"] >= 0.95 and tuning["target_recall"] == 0.95
     assert (tuning["n"], tuning["users"], tuning["part"]) == (20, 10, "validation")
-    assert result.stdout.splitlines()[1] == (
+    assert [x for x in result.stdout.splitlines() if x.startswith("tuned: ")] == [(
         f"tuned: nprobe={manifest['search_value']}  recall@20 {tuning['recall']:.4f} against exact search "
         "on 10 validation users (target 0.95)"
-    )
-    index, _ = load_index(out)
+    )]
+    index, manifest = load_index(out)
     assert faiss.extract_index_ivf(index).nprobe == manifest["search_value"]  # query serves at it
 
-    # the same figure again from the library on the same sampled users
+    # the same figure again from the library on the same sampled users: the merged retriever's
+    # index (the default) is measured with the queries it serves, interests and prior weight
     b = load_bundle(bundle_k4)
-    xb = b.model.item_vectors().detach().numpy()
+    channels = load_channels(out, manifest)
+    xb = prior_vectors(b.model.item_vectors().detach().numpy(), channels)
     set_search_param(index, "nprobe", 1)
-    again = tune_on_validation(index, b, xb, 0.95, n=20, max_users=10)
+    again = tune_on_validation(index, b, xb, 0.95, n=20, max_users=10, prior_weight=channels.weights.prior)
     assert (again.search_value, again.recall) == (manifest["search_value"], tuning["recall"])
 
     timed = invoke("query", "--bundle", bundle_k4, "--index", out, "--user", "u00003", "--json", "--timings")
@@ -163,7 +166,7 @@ def test_build_index_target_recall_on_flat(invoke, bundle_k4, tmp_path):
     out = tmp_path / "flat"
     result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--target-recall", "1")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[1].startswith("tuned: no search parameter  recall@50 1.0000 against exact")
+    assert result.stdout.splitlines()[-1].startswith("tuned: no search parameter  recall@50 1.0000 against exact")
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["search_param"], manifest["search_value"], manifest["tuning"]["recall"]) == (None, None, 1.0)
 
@@ -183,7 +186,7 @@ def test_build_index_target_recall_never_reached(invoke, bundle_k4, tmp_path):
     with pytest.raises(RetrievalError) as err:
         tune_on_validation(build_index(xb, "PQ2x4"), b, xb, 0.99, max_users=10)
     result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--factory", "PQ2x4",
-                    "--target-recall", "0.99", "--tune-users", "10")
+                    "--target-recall", "0.99", "--tune-users", "10", "--no-channels")
     assert_clean_error(result, str(err.value))
     assert str(err.value).startswith("target recall 0.99 not reached: recall@50 is 0.")
     assert not out.exists()  # no index without the recall asked for
