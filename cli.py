@@ -404,7 +404,7 @@ def build_index_cmd(
         at = [t for t in tuned.trials if (t["prior"], t["item_knn"]) == (ch.weights.prior, ch.weights.item_knn)][0]
         half = "" if ch.halflife is None else f", prior half-life {ch.halflife:.4g}"
         typer.echo(f"channels: prior weight {ch.weights.prior:.4g}, item-kNN weight {ch.weights.item_knn:.3g} "
-                   f"(k={ch.neighbours.k}{half}), chosen on {tuned.users} validation users: "
+                   f"(k={ch.neighbours.k}, decay {ch.decay:.3g}{half}), chosen on {tuned.users} validation users: "
                    f"recall@{tune_n} {at[f'recall@{tune_n}']:.4f}")
     if built.tuning is not None:
         tuning = built.tuning

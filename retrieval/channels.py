@@ -31,6 +31,7 @@ is MIND with the prior), a alone (MIND with item-kNN), then a given w and w agai
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ SAMPLE = 2048  # items whose MIND scores standardise a user's MIND term
 KNN_K = (50, 100, 200)  # neighbours per item in the item-kNN table: tried, chosen on validation
 HALFLIVES = (0.02, 0.1)  # temporal split: recency half-lives of the prior's frequency tried beside plain counts,
 # as fractions of the training period (a prior that follows what is popular now)
+DECAYS = (0.9, 0.8, 0.7, 0.5)  # the kNN term's weight per step back in the history, tried beside 1 (a plain sum)
 PRIOR_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)  # w in units of median std(u·v) / std(log f)
 KNN_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # a: kNN weight beside MIND's (both standardised)
 ENTRY_CHUNK = 65536  # candidates scored against their user's interests at a time
@@ -81,12 +83,14 @@ class Channels:
     weights: ChannelWeights = field(default_factory=ChannelWeights)
     max_len: int = 50  # L: the last L behaviours whose neighbours are summed
     halflife: float | None = None  # recency weighting of the frequency (timestamp units), None = plain counts
+    decay: float = 1.0  # the kNN term sums the j-th most recent behaviour's neighbours times decay^j (1 = plain sum)
     prior_only: float = 0.0  # the prior weight chosen with the kNN channel off (MIND with the prior, reported beside)
 
     def settings(self) -> dict[str, Any]:
         """The manifest entry: everything but the arrays."""
         return {"weights": asdict(self.weights), "prior_only": self.prior_only, "knn_k": self.neighbours.k,
-                "max_len": self.max_len, "halflife": self.halflife, "sample": len(self.sample), "file": CHANNELS_FILE}
+                "max_len": self.max_len, "halflife": self.halflife, "decay": self.decay, "sample": len(self.sample),
+                "file": CHANNELS_FILE}
 
 
 def item_log_frequency(ds: Dataset, split: Split, halflife: float | None = None) -> np.ndarray:
@@ -113,13 +117,13 @@ def item_log_frequency(ds: Dataset, split: Split, halflife: float | None = None)
 
 
 def build_channels(ds: Dataset, split: Split, k: int = 50, max_len: int = 50, halflife: float | None = None,
-                   seed: int = 0) -> Channels:
+                   seed: int = 0, decay: float = 1.0) -> Channels:
     """The channels' data from the split's training data; weights start at 0 (MIND alone)."""
     nb = build_neighbours(ds, split, k=k)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(np.arange(1, ds.n_items + 1), size=min(SAMPLE, ds.n_items), replace=False))
     return Channels(item_log_frequency(ds, split, halflife), nb, sample.astype(np.int64), max_len=max_len,
-                    halflife=halflife)
+                    halflife=halflife, decay=decay)
 
 
 def prior_vectors(item_vectors: np.ndarray, channels: Channels, width: int | None = None) -> np.ndarray:
@@ -175,6 +179,7 @@ def load_channels(index_dir: Path, manifest: dict[str, Any]) -> Channels | None:
         nb = ItemNeighbours(arrays["nbr_ids"], arrays["nbr_sims"])
         ch = Channels(arrays["log_freq"], nb, arrays["sample"], ChannelWeights(**entry["weights"]),
                       max_len=int(entry["max_len"]), halflife=entry.get("halflife"),
+                      decay=float(entry.get("decay", 1.0)),
                       prior_only=float(entry.get("prior_only", 0.0)))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ArtifactError(f"{path}: unreadable channels ({err})") from None
@@ -210,7 +215,7 @@ def prepare(model: Retriever, ds: Dataset, hist: Histories, channels: Channels) 
     it = interest_vectors(model, ds, hist)
     vectors, active = it.vectors.numpy(), it.active.numpy()
     rows = hist.rows()
-    knn = neighbour_scores(channels.neighbours, [r[-channels.max_len :] for r in rows], rows)
+    knn = neighbour_scores(channels.neighbours, [r[-channels.max_len :] for r in rows], rows, channels.decay)
 
     def embed(items: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -427,7 +432,7 @@ class Chosen:
     channels: Channels  # weights set to the merged ones (0, 0: MIND alone, when there are no validation users)
     index: faiss.Index  # exact index over the item vectors and the chosen prior (width D+1)
     tuned: Tuned | None  # None without validation users
-    settings: list[dict[str, Any]]  # each (knn_k, halflife) tried and its validation objective
+    settings: list[dict[str, Any]]  # each (knn_k, halflife, decay) tried and its validation objective
 
 
 def training_span(ds: Dataset, split: Split) -> float:
@@ -443,33 +448,45 @@ def training_span(ds: Dataset, split: Split) -> float:
 def choose_channels(model: Retriever, ds: Dataset, split: Split, sizes: int | Sequence[int] = KNN_K,
                     max_len: int = 50, n: int = 50, require_validation: bool = False,
                     on_setting: Callable[[int, int], None] | None = None) -> Chosen:
-    """Every choice of the merged retriever on the split's validation users: the neighbour
-    table's size (each of `sizes`), on the temporal split then the prior's recency half-life
-    (HALFLIVES of the training period, beside plain counts), and the weights (tune_channels).
-    Without validation users the first setting is kept with weights 0 (MIND alone), or
-    RetrievalError when `require_validation`. `on_setting(done, total)` reports progress."""
+    """Every choice of the merged retriever on the split's validation users, one after the
+    other, each keeping the best so far: the neighbour table's size (each of `sizes`), on the
+    temporal split the prior's recency half-life (HALFLIVES of the training period, beside
+    plain counts), the kNN term's recency decay (DECAYS, beside a plain sum), and for each
+    setting the weights (tune_channels). Without validation users the first setting is kept
+    with weights 0 (MIND alone), or RetrievalError when `require_validation`.
+    `on_setting(done, total)` reports progress."""
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     v_users = held_out_users(ds, split, "validation")[0]
     if not len(v_users) and require_validation:
         raise RetrievalError("no validation users with a ground truth to choose the merged retriever's weights on")
-    best: tuple[Tuned | None, Channels, faiss.Index] | None = None
+    period = training_span(ds, split) if split.kind == "time" else 0.0
+    halflives = [f * period for f in HALFLIVES] if period > 0 else []
+    total = len(sizes) + len(halflives) + len(DECAYS)
+    best: tuple[Tuned, Channels, faiss.Index] | None = None
     tried: list[dict[str, Any]] = []
-    settings: list[tuple[int, float | None]] = [(k, None) for k in sizes]
-    total = len(sizes) + (len(HALFLIVES) if split.kind == "time" else 0)
-    for step in range(2 if split.kind == "time" else 1):
-        for k, halflife in settings:
-            ch = build_channels(ds, split, k=k, max_len=max_len, halflife=halflife)
-            ch_index = prior_index(model, ch)
-            if not len(v_users):
-                return Chosen(ch, ch_index, None, [{"knn_k": k, "halflife": halflife}])
-            t = tune_channels(model, ds, split, ch_index, ch, n=n)
-            tried.append({"knn_k": k, "halflife": halflife, t.objective: round(t.best, 6)})
-            if on_setting is not None:
-                on_setting(len(tried), total)
-            if best is None or t.best > best[0].best:  # type: ignore[union-attr]
-                best = (t, ch, ch_index)
-        period = training_span(ds, split)
-        settings = [(best[1].neighbours.k, f * period) for f in HALFLIVES if period > 0]  # type: ignore[index]
+
+    def trial(ch: Channels, ch_index: faiss.Index) -> Chosen | None:
+        nonlocal best
+        setting = {"knn_k": ch.neighbours.k, "halflife": ch.halflife, "decay": ch.decay}
+        if not len(v_users):
+            return Chosen(ch, ch_index, None, [setting])
+        t = tune_channels(model, ds, split, ch_index, ch, n=n)
+        tried.append({**setting, t.objective: round(t.best, 6)})
+        if on_setting is not None:
+            on_setting(len(tried), total)
+        if best is None or t.best > best[0].best:
+            best = (t, ch, ch_index)
+        return None
+
+    for k in sizes:
+        ch = build_channels(ds, split, k=k, max_len=max_len)
+        if (alone := trial(ch, prior_index(model, ch))) is not None:
+            return alone
+    for halflife in halflives:  # the same table, another prior
+        ch = dataclasses.replace(best[1], log_freq=item_log_frequency(ds, split, halflife), halflife=halflife)  # type: ignore[index]
+        trial(ch, prior_index(model, ch))
+    for decay in DECAYS:  # the same table and prior: the same index
+        trial(dataclasses.replace(best[1], decay=decay), best[2])  # type: ignore[index]
     tuned, channels, index = best  # type: ignore[misc]
-    channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior  # type: ignore[union-attr]
+    channels.weights, channels.prior_only = tuned.merged, tuned.prior_only.prior
     return Chosen(channels, index, tuned, tried)

@@ -249,7 +249,8 @@ def format_diagnostics(report: dict[str, Any]) -> str:
     ch = report.get("channels")
     if ch:
         lines.append(f"channels: prior weight {ch['weights']['prior']:.4g} (alone: {ch['prior_only']:.4g}), item-kNN "
-                     f"weight {ch['weights']['item_knn']:.3g}, k={ch['knn_k']}; from {ch['weights_from']}")
+                     f"weight {ch['weights']['item_knn']:.3g}, k={ch['knn_k']}, decay {ch.get('decay', 1.0):.3g}; "
+                     f"from {ch['weights_from']}")
     by_len = report.get("by_history_length", {})
     if by_len:
         buckets = list(next(iter(by_len.values())))

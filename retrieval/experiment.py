@@ -168,6 +168,11 @@ def _train_tuned(ds: Dataset, split: Any, settings: dict[str, Any], config: Trai
     return best[0], best[1], tried
 
 
+def _chosen_channels(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What the merged retriever chose on validation users: weights, table size, half-life, decay."""
+    return {k: evaluation["channels"][k] for k in ("weights", "prior_only", "knn_k", "halflife", "decay")}
+
+
 def _training_record(r: TrainResult, chosen: dict[str, Any], tried: list[dict[str, Any]]) -> dict[str, Any]:
     return {"best_epoch": r.best_epoch, "epochs_run": len(r.history), "val_recall@50": r.best_recall,
             "train_samples_per_s": r.samples_per_s, "train_seconds": round(sum(h["seconds"] for h in r.history), 2),
@@ -206,7 +211,7 @@ def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_set
             training["mind_k1"] = _training_record(k1, k1_choice, k1_tried)
     result = from_main(lambda: evaluate_models(ds, split, main.model, None, k1.model if k1 else None, part,
                                                max_len=max_len, knn_k=knn_k), group)
-    channels = {"mind": {k: result["channels"][k] for k in ("weights", "prior_only", "knn_k")}}
+    channels = {"mind": _chosen_channels(result)}
     for v in variants:
         vs = {**settings, **({"retriever": v.retriever} if v.retriever else {}), **v.settings}
         r = _train_one(ds, split, vs, tc, show_progress, runtime)
@@ -218,7 +223,7 @@ def run_once(ds: Dataset, kind: str, split_seed: int, train_seed: int, model_set
         result["diagnostics"][v.label] = ev["diagnostics"]["mind"]
         result["by_history_length"][v.label] = ev["by_history_length"]["mind"]
         result["recall_curve"][v.label] = ev["recall_curve"]["mind"]
-        channels[v.label] = {k: ev["channels"][k] for k in ("weights", "prior_only", "knn_k")}
+        channels[v.label] = _chosen_channels(ev)
     result.update({"split_seed": split_seed, "train_seed": train_seed, "training": training, "channels": channels})
     if search is not None:
         result["interests_search"] = search

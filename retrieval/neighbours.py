@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from retrieval.data import Dataset, Split
+from retrieval.errors import RetrievalError
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +126,23 @@ class NeighbourScores:
         return s, ss
 
 
-def neighbour_scores(nb: ItemNeighbours, last: list[np.ndarray], exclude: list[np.ndarray]) -> NeighbourScores:
-    """Sum over each row's items `last[r]` (its last L behaviours) of their neighbour rows;
+def neighbour_scores(nb: ItemNeighbours, last: list[np.ndarray], exclude: list[np.ndarray],
+                     decay: float = 1.0) -> NeighbourScores:
+    """Sum over each row's items `last[r]` (its last L behaviours, oldest first) of their
+    neighbour rows, the j-th most recent behaviour's row weighted decay^j (1 = a plain sum);
     items in exclude[r] (its whole history) are dropped."""
+    if not 0 < decay <= 1:
+        raise RetrievalError(f"decay must be in (0, 1], got {decay}")
     U, k = len(last), nb.k
     lens = np.array([len(h) for h in last], dtype=np.int64)
     h = np.concatenate([np.asarray(x, dtype=np.int64) for x in last] + [np.zeros(0, np.int64)])  # (H,)
     row = np.repeat(np.repeat(np.arange(U, dtype=np.int64), lens), k)  # (H*k,)
     item = nb.ids[h].reshape(-1).astype(np.int64)  # (H*k,)
-    sim = nb.sims[h].reshape(-1)
+    sim = nb.sims[h]  # (H, k)
+    if decay != 1.0:
+        age = np.repeat(np.cumsum(lens), lens) - 1 - np.arange(len(h), dtype=np.int64)  # (H,) 0 = the most recent
+        sim = sim * np.power(np.float32(decay), age, dtype=np.float32)[:, None]
+    sim = sim.reshape(-1)
     ex_len = np.array([len(x) for x in exclude], dtype=np.int64)
     ex_row = np.repeat(np.arange(U, dtype=np.int64), ex_len)
     ex_item = np.concatenate([np.asarray(x, dtype=np.int64) for x in exclude] + [np.zeros(0, np.int64)])

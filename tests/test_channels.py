@@ -12,7 +12,7 @@ import torch
 
 from data.synthetic import SyntheticConfig, generate
 from index.faiss_index import build_index, load_index, save_index
-from retrieval.channels import (CHANNELS, ChannelWeights, build_channels, channel_files, choose_channels, fuse,
+from retrieval.channels import (CHANNELS, DECAYS, ChannelWeights, build_channels, channel_files, choose_channels, fuse,
                                 load_channels, prepare, prior_index, prior_vectors, prior_width, retrieve, tune_channels)
 from retrieval.data import DataSpec, held_out_users, load_dataset, split_users
 from retrieval.errors import ArtifactError, RetrievalError
@@ -69,6 +69,25 @@ def test_neighbour_scores_sum_the_last_items_and_drop_the_history(setup) -> None
         got[s.items[s.rows == r]] = s.scores[s.rows == r]
         assert np.allclose(got, dense, atol=1e-6)
     assert np.all(np.diff(s.rows) >= 0) and (s.scores > 0).all()
+
+
+def test_neighbour_scores_weight_older_behaviours_by_the_decay(setup) -> None:
+    ds, split, _ = setup
+    nb = build_neighbours(ds, split, k=5)
+    last, full = [np.array([1, 2, 4]), np.array([3])], [np.array([1, 2, 4, 9]), np.array([3])]
+    s = neighbour_scores(nb, last, full, decay=0.5)
+    for r in range(2):
+        dense = np.zeros(ds.n_items + 1)
+        for age, h in enumerate(last[r][::-1]):  # the most recent behaviour counts fully
+            np.add.at(dense, nb.ids[h], nb.sims[h] * 0.5**age)
+        dense[0] = 0
+        dense[full[r]] = 0
+        got = np.zeros_like(dense)
+        got[s.items[s.rows == r]] = s.scores[s.rows == r]
+        assert np.allclose(got, dense, atol=1e-6)
+    for bad in (0.0, 1.5):
+        with pytest.raises(RetrievalError, match=f"^decay must be in \\(0, 1\\], got {bad}$"):
+            neighbour_scores(nb, last, full, decay=bad)
 
 
 def _dense_fused(p, ch, w: float, a: float, n: int, n_items: int) -> list[list[int]]:
@@ -161,13 +180,13 @@ def test_recency_weighted_frequency(setup) -> None:
 
 def test_channels_travel_with_the_index_and_are_checked(setup, tmp_path: Path) -> None:
     ds, split, model = setup
-    ch = build_channels(ds, split, k=6, max_len=20)
+    ch = build_channels(ds, split, k=6, max_len=20, decay=0.7)
     ch.weights, ch.prior_only = ChannelWeights(0.25, 1.5), 0.5
     index = prior_index(model, ch)
     save_index(index, tmp_path / "idx", {"channels": ch.settings()}, files=channel_files(ch))
     loaded, manifest = load_index(tmp_path / "idx")
     back = load_channels(tmp_path / "idx", manifest)
-    assert back is not None and back.weights == ch.weights and back.prior_only == 0.5
+    assert back is not None and back.weights == ch.weights and back.prior_only == 0.5 and back.decay == 0.7
     assert np.array_equal(back.neighbours.ids, ch.neighbours.ids) and np.array_equal(back.log_freq, ch.log_freq)
     users, ends, _ = held_out_users(ds, split, "test")
     hist = Histories.of(ds, users, ends)
@@ -207,11 +226,16 @@ def test_weights_are_chosen_on_validation_users(setup) -> None:
 def test_choose_channels_keeps_the_best_table_and_its_weights(setup) -> None:
     ds, split, model = setup
     chosen = choose_channels(model, ds, split, (5, 10), max_len=20, n=20)
-    assert [(t["knn_k"], t["halflife"]) for t in chosen.settings] == [(5, None), (10, None)]  # user split: no half-life
-    best = max(chosen.settings, key=lambda t: t["recall@20+ndcg@20"])
-    assert chosen.channels.neighbours.k == best["knn_k"] and chosen.index.d == 9  # D=8 + the prior
-    # the oracle: tune_channels on that table alone gives the same weights
-    ch = build_channels(ds, split, k=best["knn_k"], max_len=20)
+    sizes = [(t["knn_k"], t["halflife"], t["decay"]) for t in chosen.settings[:2]]
+    assert sizes == [(5, None, 1.0), (10, None, 1.0)]  # user split: no half-life; sizes tried with a plain sum
+    k = max(chosen.settings[:2], key=lambda t: t["recall@20+ndcg@20"])["knn_k"]
+    decays = [(t["knn_k"], t["halflife"], t["decay"]) for t in chosen.settings[2:]]
+    assert decays == [(k, None, d) for d in DECAYS]  # then the decays on the best table
+    best = max(chosen.settings, key=lambda t: t["recall@20+ndcg@20"])  # first of equals, as chosen
+    assert chosen.channels.neighbours.k == best["knn_k"] == k and chosen.index.d == 9  # D=8 + the prior
+    assert chosen.channels.decay == best["decay"]
+    # the oracle: tune_channels on that table and decay alone gives the same weights
+    ch = build_channels(ds, split, k=k, max_len=20, decay=best["decay"])
     tuned = tune_channels(model, ds, split, prior_index(model, ch), ch, n=20)
     assert chosen.channels.weights == tuned.merged and chosen.channels.prior_only == tuned.prior_only.prior
     assert chosen.tuned.best == pytest.approx(best["recall@20+ndcg@20"])
