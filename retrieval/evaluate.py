@@ -104,10 +104,10 @@ def evaluate_models(
         chosen = max(val, key=lambda m: (val[m], m == "best"))
 
     # The channels' weights are chosen on validation users only.
-    tuned = None
+    tuned, settings = None, None
     if channels is None:
         picked = choose_channels(mind, ds, split, knn_k, max_len=max_len, n=n)
-        tuned, channels, channel_index = picked.tuned, picked.channels, picked.index
+        tuned, channels, channel_index, settings = picked.tuned, picked.channels, picked.index, picked.settings
     else:
         channel_index = index
     with_prior = dataclasses.replace(channels, weights=ChannelWeights(channels.prior_only, 0.0))
@@ -154,6 +154,7 @@ def evaluate_models(
         f"validation_recall@{n}_by_merge": val,
         "channels": {**channels.settings(),
                      "weights_from": "validation users, here" if tuned else "the index (validation users, at build-index)",
+                     **({"validation_settings": settings} if settings and tuned else {}),
                      **({"validation_trials": tuned.trials, "objective": tuned.objective} if tuned else {})},
         "models": models,
         "diagnostics": diagnostics,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data.synthetic import SyntheticConfig, generate
+from retrieval.channels import DECAYS, KNN_K
 from retrieval.data import DataSpec, load_dataset, split_users
 from retrieval.evaluate import evaluate_models
 from retrieval.train import TrainConfig, model_config_for, train
@@ -25,9 +26,16 @@ def test_mind_separates_planted_interests(tmp_path):
     models = {}
     for k in (4, 1):
         models[k] = train(ds, split, model_config_for(ds, interests=k, dim=32), tc, show_progress=False).model
-    res = evaluate_models(ds, split, models[4], mind_k1=models[1], part="test")["models"]
+    report = evaluate_models(ds, split, models[4], mind_k1=models[1], part="test")
+    res = report["models"]
     assert res["mind"]["recall@50"] > res["mind_k1"]["recall@50"] + 0.03, res
     assert res["mind"]["recall@50"] > 2 * res["popularity"]["recall@50"], res
+    # the report lists every setting of the merged retriever tried on validation users, the chosen one among them
+    tried = report["channels"]["validation_settings"]
+    assert [(t["knn_k"], t["decay"]) for t in tried[:len(KNN_K)]] == [(k, 1.0) for k in KNN_K]
+    assert [t["decay"] for t in tried[len(KNN_K):]] == list(DECAYS)
+    chosen = max(tried, key=lambda t: t["recall@50+ndcg@50"])
+    assert (report["channels"]["knn_k"], report["channels"]["decay"]) == (chosen["knn_k"], chosen["decay"])
 
 
 @pytest.mark.integration
