@@ -169,8 +169,11 @@ def _train_tuned(ds: Dataset, split: Any, settings: dict[str, Any], config: Trai
 
 
 def _chosen_channels(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """What the merged retriever chose on validation users: weights, table size, half-life, decay."""
-    return {k: evaluation["channels"][k] for k in ("weights", "prior_only", "knn_k", "halflife", "decay")}
+    """What the merged retriever chose on validation users (weights, table size, half-life, decay)
+    and every setting tried there with its objective."""
+    ch = evaluation["channels"]
+    keys = ("weights", "prior_only", "knn_k", "halflife", "decay", "validation_settings")
+    return {k: ch[k] for k in keys if k in ch}
 
 
 def _training_record(r: TrainResult, chosen: dict[str, Any], tried: list[dict[str, Any]]) -> dict[str, Any]:

@@ -439,6 +439,8 @@ def test_experiment_auto_interests_reports_the_search_and_its_k1(invoke, tiny_da
     report = json.loads(out.read_text())
     seed = report["per_run"][0]
     assert report["K"] == "auto" and report["retriever"] == "routing"
+    ch = seed["channels"]["mind"]  # the merged retriever's choice and what it was chosen from
+    assert (ch["knn_k"], ch["decay"]) in [(t["knn_k"], t["decay"]) for t in ch["validation_settings"]]
     by_k = seed["interests_search"]["by_interests"]
     assert sorted(by_k, key=int) == ["1", "2", "4", "8"]
     # the K=1 baseline is the search's own K=1 model, not a second training
