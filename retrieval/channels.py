@@ -11,8 +11,9 @@ what training's log-Q correction removes from the learned scores. One score per 
   recency-weighted). It is exact inside the FAISS search: the index holds each item as
   [v_i, log(1 + f_i)] and each interest queries [u_k, w], so with w = 0 the same index
   serves MIND alone.
-- knn_u(i) = Σ_{h in the last L behaviours} sim(h, i) from the sparse neighbour table
-  (retrieval/neighbours.py): only items near the history have a score above 0.
+- knn_u(i) = Σ_{j < L} γ^j sim(h_j, i) over the last L behaviours (h_0 the most recent; γ = 1
+  a plain sum) from the sparse neighbour table (retrieval/neighbours.py): only items near
+  the history have a score above 0.
 - z_u standardises a score over all items for that user: the MIND term by the mean and
   std of a fixed sample of items, the kNN term exactly (its sum and sum of squares over
   all N items, zeros included). Standardising makes one weight `a` fit users whose MIND
@@ -27,6 +28,8 @@ or "item_knn"; an item from MIND's channel also names its best interest.
 
 The weights (w, a) are chosen on validation users (`tune_channels`): w alone first (that
 is MIND with the prior), a alone (MIND with item-kNN), then a given w and w again given a.
+The table size, the prior's half-life and γ are chosen there too (`choose_channels`), a
+later setting replacing the first only when clearly better (the one-standard-error rule).
 """
 
 from __future__ import annotations
@@ -379,10 +382,13 @@ class Tuned:
     trials: list[dict[str, float]]  # every (prior, item_knn, figures) tried, in order
     users: int  # validation users
     best: float  # the objective at `merged`
+    per_user: np.ndarray  # (U,) each validation user's recall@n + ndcg@n at `merged`: paired comparisons
 
 
-def _objective(rec: Recommendations, truth: list[np.ndarray], n: int) -> dict[str, float]:
-    return mean_metrics(topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, (n,)))
+def _objective(rec: Recommendations, truth: list[np.ndarray], n: int) -> tuple[dict[str, float], np.ndarray]:
+    """The mean figures, and each user's recall@n + ndcg@n (U,)."""
+    per = topn_metrics(np.where(rec.items > 0, rec.items, -1), truth, (n,))
+    return mean_metrics(per), per[f"recall@{n}"] + per[f"ndcg@{n}"]
 
 
 def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Index, channels: Channels,
@@ -398,11 +404,12 @@ def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Inde
     unit = float(np.median(p.sample_scores.std(1)) / max(float(lf_s.std()), 1e-6))
     trials: list[dict[str, float]] = []
     seen: dict[tuple[float, float], float] = {}
+    per_user: dict[tuple[float, float], np.ndarray] = {}
     goal = f"recall@{n}+ndcg@{n}"
 
     def score(w: float, a: float) -> float:
         if (w, a) not in seen:
-            figures = _objective(fuse(p, index, channels, ChannelWeights(w, a), n), truth, n)
+            figures, per_user[(w, a)] = _objective(fuse(p, index, channels, ChannelWeights(w, a), n), truth, n)
             seen[(w, a)] = figures[f"recall@{n}"] + figures[f"ndcg@{n}"]
             trials.append({"prior": w, "item_knn": a, **figures})
         return seen[(w, a)]
@@ -419,7 +426,8 @@ def tune_channels(model: Retriever, ds: Dataset, split: Split, index: faiss.Inde
     w, a = best_of([(w, a), (knn_only.prior, knn_only.item_knn)])
     log.info("channel weights on %d %s users: prior %.4g alone; prior %.4g + item-kNN %.3g (%s %.4f)",
              len(users), part, prior_only.prior, w, a, goal, seen[(w, a)])
-    return Tuned(prior_only, knn_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)])
+    return Tuned(prior_only, knn_only, ChannelWeights(w, a), goal, trials, len(users), seen[(w, a)],
+                 per_user[(w, a)])
 
 
 # ---------------------------------------------------------------------------- choice
@@ -432,7 +440,7 @@ class Chosen:
     channels: Channels  # weights set to the merged ones (0, 0: MIND alone, when there are no validation users)
     index: faiss.Index  # exact index over the item vectors and the chosen prior (width D+1)
     tuned: Tuned | None  # None without validation users
-    settings: list[dict[str, Any]]  # each (knn_k, halflife, decay) tried and its validation objective
+    settings: list[dict[str, Any]]  # each (knn_k, halflife, decay) tried: objective, gain, se, kept
 
 
 def training_span(ds: Dataset, split: Split) -> float:
@@ -445,16 +453,27 @@ def training_span(ds: Dataset, split: Split) -> float:
     return float(last.max() - first.min())
 
 
+def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+    """The mean per-user gain of `new` over `old` (the same users) and its standard error
+    (std of the differences, ddof 1, over sqrt(U); 0 for one user). A setting is clearly
+    better when the gain exceeds the standard error (the one-standard-error rule)."""
+    d = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)  # (U,)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()), se
+
+
 def choose_channels(model: Retriever, ds: Dataset, split: Split, sizes: int | Sequence[int] = KNN_K,
                     max_len: int = 50, n: int = 50, require_validation: bool = False,
                     on_setting: Callable[[int, int], None] | None = None) -> Chosen:
     """Every choice of the merged retriever on the split's validation users, one after the
-    other, each keeping the best so far: the neighbour table's size (each of `sizes`), on the
-    temporal split the prior's recency half-life (HALFLIVES of the training period, beside
-    plain counts), the kNN term's recency decay (DECAYS, beside a plain sum), and for each
-    setting the weights (tune_channels). Without validation users the first setting is kept
-    with weights 0 (MIND alone), or RetrievalError when `require_validation`.
-    `on_setting(done, total)` reports progress."""
+    other: the neighbour table's size (each of `sizes`, in order), on the temporal split the
+    prior's recency half-life (HALFLIVES of the training period, beside plain counts), the kNN
+    term's recency decay (DECAYS, beside a plain sum), and for each setting the weights
+    (tune_channels). The first setting is kept, and a later one replaces the kept one only
+    when its gain is larger than one standard error (`clearly_better`): with few validation
+    users (54 on ML-100K's temporal split) the largest of many noisy figures is not the best
+    setting. Without validation users the first setting is kept with weights 0 (MIND alone),
+    or RetrievalError when `require_validation`. `on_setting(done, total)` reports progress."""
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     v_users = held_out_users(ds, split, "validation")[0]
     if not len(v_users) and require_validation:
@@ -471,10 +490,15 @@ def choose_channels(model: Retriever, ds: Dataset, split: Split, sizes: int | Se
         if not len(v_users):
             return Chosen(ch, ch_index, None, [setting])
         t = tune_channels(model, ds, split, ch_index, ch, n=n)
-        tried.append({**setting, t.objective: round(t.best, 6)})
+        gain, se = (0.0, 0.0) if best is None else paired_gain(t.per_user, best[0].per_user)
+        kept = best is None or gain > se
+        log.info("setting knn_k=%d halflife=%s decay=%g: %s %.4f, gain %+.4f (se %.4f) over the kept one: %s",
+                 ch.neighbours.k, ch.halflife, ch.decay, t.objective, t.best, gain, se, "kept" if kept else "not kept")
+        tried.append({**setting, t.objective: round(t.best, 6), "gain": round(gain, 6), "se": round(se, 6),
+                      "kept": kept})
         if on_setting is not None:
             on_setting(len(tried), total)
-        if best is None or t.best > best[0].best:
+        if kept:
             best = (t, ch, ch_index)
         return None
 

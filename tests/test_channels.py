@@ -13,7 +13,8 @@ import torch
 from data.synthetic import SyntheticConfig, generate
 from index.faiss_index import build_index, load_index, save_index
 from retrieval.channels import (CHANNELS, DECAYS, ChannelWeights, build_channels, channel_files, choose_channels, fuse,
-                                load_channels, prepare, prior_index, prior_vectors, prior_width, retrieve, tune_channels)
+                                load_channels, paired_gain, prepare, prior_index, prior_vectors, prior_width, retrieve,
+                                tune_channels)
 from retrieval.data import DataSpec, held_out_users, load_dataset, split_users
 from retrieval.errors import ArtifactError, RetrievalError
 from retrieval.evaluate import exact_index
@@ -223,22 +224,35 @@ def test_weights_are_chosen_on_validation_users(setup) -> None:
     assert dataclasses.asdict(tuned.merged).keys() == {"prior", "item_knn"}
 
 
-def test_choose_channels_keeps_the_best_table_and_its_weights(setup) -> None:
+def test_paired_gain_golden() -> None:
+    # differences 1, 0, 1: mean 2/3, std (ddof 1) sqrt(1/3), standard error sqrt(1/3) / sqrt(3) = 1/3
+    gain, se = paired_gain(np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, 2.0]))
+    assert gain == pytest.approx(2 / 3) and se == pytest.approx(1 / 3)
+    assert paired_gain(np.array([0.5]), np.array([0.25])) == (0.25, 0.0)  # one user: no spread to measure
+
+
+def test_choose_channels_keeps_a_setting_only_when_clearly_better(setup) -> None:
     ds, split, model = setup
     chosen = choose_channels(model, ds, split, (5, 10), max_len=20, n=20)
-    sizes = [(t["knn_k"], t["halflife"], t["decay"]) for t in chosen.settings[:2]]
+    tried, goal = chosen.settings, "recall@20+ndcg@20"
+    sizes = [(t["knn_k"], t["halflife"], t["decay"]) for t in tried[:2]]
     assert sizes == [(5, None, 1.0), (10, None, 1.0)]  # user split: no half-life; sizes tried with a plain sum
-    k = max(chosen.settings[:2], key=lambda t: t["recall@20+ndcg@20"])["knn_k"]
-    decays = [(t["knn_k"], t["halflife"], t["decay"]) for t in chosen.settings[2:]]
-    assert decays == [(k, None, d) for d in DECAYS]  # then the decays on the best table
-    best = max(chosen.settings, key=lambda t: t["recall@20+ndcg@20"])  # first of equals, as chosen
-    assert chosen.channels.neighbours.k == best["knn_k"] == k and chosen.index.d == 9  # D=8 + the prior
-    assert chosen.channels.decay == best["decay"]
+    k = 10 if tried[1]["kept"] else 5
+    assert [(t["knn_k"], t["halflife"], t["decay"]) for t in tried[2:]] == [(k, None, d) for d in DECAYS]
+    # the first is kept; each later one replaces the kept one only when its gain over it beats its standard error
+    assert tried[0]["kept"] and all(t["kept"] == (t["gain"] > t["se"]) for t in tried[1:])
+    kept = tried[0]
+    for t in tried[1:]:
+        assert t["gain"] == pytest.approx(t[goal] - kept[goal], abs=1e-5)  # paired with the setting kept then
+        kept = t if t["kept"] else kept
+    assert (chosen.channels.neighbours.k, chosen.channels.decay) == (kept["knn_k"], kept["decay"])
+    assert chosen.index.d == 9  # D=8 + the prior
     # the oracle: tune_channels on that table and decay alone gives the same weights
-    ch = build_channels(ds, split, k=k, max_len=20, decay=best["decay"])
+    ch = build_channels(ds, split, k=kept["knn_k"], max_len=20, decay=kept["decay"])
     tuned = tune_channels(model, ds, split, prior_index(model, ch), ch, n=20)
     assert chosen.channels.weights == tuned.merged and chosen.channels.prior_only == tuned.prior_only.prior
-    assert chosen.tuned.best == pytest.approx(best["recall@20+ndcg@20"])
+    assert chosen.tuned.best == pytest.approx(kept[goal])
+    assert tuned.per_user.shape == (tuned.users,) and tuned.per_user.mean() == pytest.approx(tuned.best)
 
 
 def test_choose_channels_without_validation_users(setup) -> None:

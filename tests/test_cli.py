@@ -346,21 +346,22 @@ def test_bad_factory_string(invoke, bundle_k4, tmp_path):
 
 def test_build_index_default_is_the_merged_retriever(invoke, bundle_k4, tmp_path):
     from retrieval.bundle import load_bundle
-    from retrieval.channels import CHANNELS, choose_channels
+    from retrieval.channels import CHANNELS, DECAYS, choose_channels
 
     out = tmp_path / "default"
     result = invoke("build-index", "--bundle", bundle_k4, "--out", out, "--knn-k", "10,20")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1].startswith("channels: prior weight ")
-    assert result.stderr.splitlines()[-2:] == ["channels: setting 1/2 tried on validation users",
-                                               "channels: setting 2/2 tried on validation users"]
+    total = 2 + len(DECAYS)  # two table sizes, then the decays on the table kept
+    assert result.stderr.splitlines()[-total:] == [f"channels: setting {i}/{total} tried on validation users"
+                                                   for i in range(1, total + 1)]
     manifest = json.loads((out / "manifest.json").read_text())
     ch = manifest["channels"]
-    assert [s["knn_k"] for s in ch["validation_settings"]] == [10, 20] and manifest["d"] == 17  # D=16 + the prior
+    assert [s["knn_k"] for s in ch["validation_settings"]][:2] == [10, 20] and manifest["d"] == 17  # D=16 + the prior
     # the oracle: the library's choice on the same bundle
     b = load_bundle(bundle_k4)
     chosen = choose_channels(b.model, b.dataset, b.split, (10, 20), max_len=b.config["model"]["max_len"])
-    assert ch["knn_k"] == chosen.channels.neighbours.k
+    assert (ch["knn_k"], ch["decay"]) == (chosen.channels.neighbours.k, chosen.channels.decay)
     assert ch["weights"] == {"prior": chosen.channels.weights.prior, "item_knn": chosen.channels.weights.item_knn}
 
     # a product quantizer whose M does not divide D + 1 = 17: the index holds zeros up to 20
