@@ -48,11 +48,8 @@ def build_bundle_index(bundle: Bundle, bundle_path: str, factory: str = "Flat", 
                                  on_setting=on_setting)
         ch, tuned = chosen.channels, chosen.tuned
         assert tuned is not None  # require_validation
-        if factory == "Flat" and width == chosen.index.d:
-            index = chosen.index
-        else:
-            index = build_index(prior_vectors(vectors, ch, width), factory)
-        vectors = prior_vectors(vectors, ch, width)  # (N, width): what target_recall's exact search reads
+        vectors = prior_vectors(vectors, ch, width)  # (N, width): what the index holds and target_recall reads
+        index = chosen.index if factory == "Flat" and width == chosen.index.d else build_index(vectors, factory)
         prior_weight = ch.weights.prior
         manifest["channels"] = {**ch.settings(), "objective": tuned.objective, "validation_users": tuned.users,
                                 "validation_trials": tuned.trials, "validation_settings": chosen.settings}

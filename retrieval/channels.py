@@ -470,7 +470,7 @@ def choose_channels(model: Retriever, ds: Dataset, split: Split, sizes: int | Se
     prior's recency half-life (HALFLIVES of the training period, beside plain counts), the kNN
     term's recency decay (DECAYS, beside a plain sum), and for each setting the weights
     (tune_channels). The first setting is kept, and a later one replaces the kept one only
-    when its gain is larger than one standard error (`clearly_better`): with few validation
+    when its gain is larger than one standard error (`paired_gain`): with few validation
     users (54 on ML-100K's temporal split) the largest of many noisy figures is not the best
     setting. Without validation users the first setting is kept with weights 0 (MIND alone),
     or RetrievalError when `require_validation`. `on_setting(done, total)` reports progress."""
