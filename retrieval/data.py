@@ -305,7 +305,8 @@ def _first_error(lf: pl.LazyFrame, spec: DataSpec, path: Path, time_expr: pl.Exp
 
 def _read_side(path: Path, id_col: str, kind: str, log_ids: pl.Series) -> pl.DataFrame:
     """A side file with its ids in the log's form (`log_ids`: the log's distinct ids of that
-    column); DataError when most of its ids match nothing in the log."""
+    column); DataError when most of its ids match nothing in the log and it describes less than
+    half of the log's ids (a catalogue larger than the log is fine)."""
     lf = _scan(path, [id_col])
     _require_columns(lf, path, [id_col])
     df = _collect(lf, path)
@@ -318,7 +319,10 @@ def _read_side(path: Path, id_col: str, kind: str, log_ids: pl.Series) -> pl.Dat
         raise DataError(f"{path}: column {id_col!r} repeats the id {df.get_column(id_col).filter(dup)[0]!r}")
     unmatched = ~df.get_column(id_col).is_in(log_ids.implode())
     n_unmatched = int(unmatched.sum())
-    if 2 * n_unmatched > df.height:
+    covered = df.height - n_unmatched  # log ids the file describes (ids are distinct)
+    if 2 * n_unmatched > df.height and 2 * covered < len(log_ids):
+        # most of the file is foreign AND it describes less than half of the log: another log's
+        # file. A catalogue larger than the log (items nobody touched yet) covers the log: kept.
         example = df.get_column(id_col).filter(unmatched)[0]
         raise DataError(
             f"{path}: {n_unmatched} of {df.height} ids in column {id_col!r} match no {kind[:-1]} of the interaction "

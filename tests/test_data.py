@@ -407,6 +407,18 @@ def test_a_side_file_of_mostly_other_ids_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_a_catalogue_larger_than_the_log_is_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Most of the file's items were never touched, but it describes every item of the log: a
+    catalogue with a long tail (the 1M-item benchmark log), not another log's file."""
+    items = write(pl.DataFrame({"item_id": list(range(1, 15))}), tmp_path / "items.csv")
+    with caplog.at_level(logging.WARNING, logger="retrieval.data"):
+        ds = load_dataset(DataSpec(_int_log(tmp_path), items=items))
+    assert ds.n_items == 14
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"10 items of {items} are not in the interaction log; they are indexed without any behaviour"
+    ]
+
+
 def test_float_ids_that_collide_are_a_repeated_id(tmp_path: Path) -> None:
     items = write(pl.DataFrame({"item_id": ["1", "1.0", "2"]}), tmp_path / "items.csv")
     assert error(DataSpec(_int_log(tmp_path), items=items)) == f"{items}: column 'item_id' repeats the id '1'"
