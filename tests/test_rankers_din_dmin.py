@@ -407,6 +407,63 @@ def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, confi
                                               torch.zeros(3, dtype=torch.long))
 
 
+def shared_scoring_batch() -> RankBatch:
+    """3 histories, 12 candidates scored against them (RankBatch.rows): a user's candidates."""
+    hist = problem(21, B=3)
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
+    return replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
+
+
+@pytest.mark.parametrize("model_cls, config_cls", MODELS)
+def test_scoring_reads_the_item_table_and_rebuilds_it_after_an_update(model_cls, config_cls, monkeypatch):
+    """Scoring (eval, no autograd) gathers item rows from a cached table: the same scores as
+    encoding every item again, a new table after any in-place update of the weights (an
+    optimiser step), none in training or above the size budget."""
+    torch.manual_seed(0)
+    model = model_cls(small(config_cls), item_features())
+    assert model.items.table() is None  # training mode
+    model.loss(problem(3))  # move Dice's running statistics away from their start
+    model.eval()
+    batch = shared_scoring_batch()
+    assert model.items.table() is None  # autograd on: nothing cached
+    encoded = model.score(batch)  # every item encoded again
+    with torch.no_grad():
+        table = model.items.table()
+        assert table is not None and table.shape == (N_ITEMS + 1, model.items.out_dim)
+        assert torch.equal(table, model.items._encode(torch.arange(N_ITEMS + 1)))
+        assert model.items.table() is table  # built once
+        torch.testing.assert_close(model.score(batch), encoded, rtol=0, atol=0)
+        model.items.fields["cat"].emb.weight.mul_(3)  # an in-place update, as an optimiser step makes
+        assert model.items.table() is not table
+        updated = model.score(batch)
+    assert not torch.allclose(updated, encoded)
+    torch.testing.assert_close(updated, model.score(batch), rtol=0, atol=0)  # = encoding afresh
+    monkeypatch.setattr("retrieval.ranking.common.TABLE_CACHE_BYTES", 0)
+    with torch.no_grad():
+        assert model.items.table() is None
+        torch.testing.assert_close(model.score(batch), updated, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("elements", [1, 16 * 6 * 5, ActivationUnit.CHUNK_ELEMENTS])
+def test_din_scores_a_historys_candidates_in_passes_of_any_size(elements, monkeypatch):
+    """pool_shared scores a history's candidates in passes (CHUNK_ELEMENTS): one candidate per
+    pass, 5 per pass, or all at once give the same scores and weights as each candidate's own row."""
+    torch.manual_seed(0)
+    model = DIN(small(DINConfig), item_features())
+    model.loss(problem(3))
+    model.eval()
+    batch = shared_scoring_batch()
+    with torch.no_grad():
+        _, w_own, _ = model.interest(batch.per_row())
+        own = model.score(batch.per_row())
+        monkeypatch.setattr(ActivationUnit, "CHUNK_ELEMENTS", elements)
+        _, w, _ = model.interest(batch)
+        torch.testing.assert_close(model.score(batch), own, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, w_own, rtol=1e-5, atol=1e-6)
+    assert torch.equal(w == 0, ~batch.per_row().mask)
+
+
 @pytest.mark.parametrize("model_cls, config_cls", MODELS)
 def test_training_loss_of_shared_histories_is_the_loss_of_their_own_rows(model_cls, config_cls):
     """A training step's groups (a positive and its negatives share one history, RankBatch.rows,

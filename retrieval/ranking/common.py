@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.layers import PooledEmbedding, distinct_rows, encode_distinct
+from retrieval.layers import PooledEmbedding, distinct_rows, encode_distinct, gather_rows
+
+TABLE_CACHE_BYTES = 256 * 2**20  # largest item table (N+1, D_item) kept for scoring (1M items × 64 floats)
 
 
 @dataclass
@@ -90,13 +92,42 @@ class ItemEncoder(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """ids (...) item indices, 0 = padding -> (..., D_item), zero on padding.
 
-        Each distinct item of the call is encoded once and then gathered (`encode_distinct`)."""
+        Each distinct item of the call is encoded once and then gathered (`encode_distinct`);
+        when scoring, rows come from the cached table (`table`)."""
+        table = self.table()
+        if table is not None:
+            return gather_rows(table, ids)
         return encode_distinct(self._encode, ids)
 
     def distinct(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """The representation of each distinct item of `ids` (U, D_item) and each id's row
         (ids.shape): `layers.gather_rows(rows, inverse)` is forward(ids)."""
+        table = self.table()
+        if table is not None:
+            uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
+            return table.index_select(0, uniq), inverse
         return distinct_rows(self._encode, ids)
+
+    def table(self) -> Tensor | None:
+        """Every item's representation (N+1, D_item) when scoring (eval mode, no autograd) and
+        the table fits `TABLE_CACHE_BYTES`; None otherwise (training, or too many items).
+
+        A request then gathers its rows instead of looking up and pooling every field of every
+        item again. The table is rebuilt whenever a parameter or feature table changed since it
+        was built (an optimiser step, load_state_dict, .to(): their version counters or storage
+        move), so validation between epochs never reads a stale one. The same rows as
+        `_encode`: each row is computed alone, whatever else is in the batch."""
+        if self.training or torch.is_grad_enabled():
+            return None
+        if (self.id.num_embeddings * self.out_dim * self.id.weight.element_size()) > TABLE_CACHE_BYTES:
+            return None
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_table")
+        if cached is None or cached[0] != key:
+            ids = torch.arange(self.id.num_embeddings, device=self.id.weight.device)
+            cached = (key, self._encode(ids))
+            self.__dict__["_table"] = cached  # not a buffer: never saved, never moved by .to()
+        return cached[1]
 
     def _encode(self, ids: Tensor) -> Tensor:
         parts = [self.id(ids)] + [m(getattr(self, f"feat_{f}")[ids]) for f, m in self.fields.items()]
