@@ -1,6 +1,7 @@
 """The resident server under load (issue 11): `retrieve serve` on 127.0.0.1, open-loop load from another process.
 
     python bench/bench_serve.py smoke|full OUT_DIR [--threads T] [--seconds S] [--workers N] [--factory F]
+        [--max-wait-ms W]
 
 Data, bundle and index are bench_query's (its preparation code, reused from OUT_DIR when a
 query run left them there): at "full" the 1M-item synthetic log, MIND K=4 D=64 trained 300
@@ -84,6 +85,7 @@ class Scale:
     ranker_users: int  # training users the DIN is trained on
     users: int  # users drawn for the request bodies
     max_batch: int  # the server's (and the in-process run's) batch
+    max_wait_ms: float = 1.0  # the server's longest wait for a batch to fill (retrieve serve --max-wait-ms)
 
 
 SCALES = {
@@ -320,13 +322,13 @@ def load_average() -> list[float]:
 READY_TIMEOUT_S = 600.0  # a server not ready by then (1M items load in ~8 s) is killed, not waited on forever
 
 
-def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: Path, max_batch: int, workers: int = 1
-                 ) -> tuple[subprocess.Popen, float]:
+def start_server(bundle: Path, index: Path, ranker: Path, port: int, log_path: Path, max_batch: int, workers: int = 1,
+                 max_wait_ms: float = 1.0) -> tuple[subprocess.Popen, float]:
     """`retrieve serve` in a new process; seconds from the command until /readyz answers 200."""
     exe = shutil.which("retrieve", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "cli"]
     cmd += ["serve", "--bundle", str(bundle), "--index", str(index), "--ranker", str(ranker), "--port", str(port),
-            "--max-batch", str(max_batch), "--workers", str(workers)]
+            "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--workers", str(workers)]
     t0 = time.perf_counter()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -367,8 +369,10 @@ def highest_held(rows: list[dict[str, Any]], p99_ms: float) -> float | None:
 
 
 def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | None = None, workers: int = 1,
-        factory: str | None = None) -> dict[str, Any]:
+        factory: str | None = None, max_wait_ms: float | None = None) -> dict[str, Any]:
     s = SCALES[scale]
+    if max_wait_ms is not None:
+        s = replace(s, max_wait_ms=max_wait_ms)
     if seconds:
         s = replace(s, seconds=seconds)
     if factory:
@@ -397,7 +401,8 @@ def run(scale: str, out_dir: Path, threads: int | None = None, seconds: float | 
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc, ready_s = start_server(bundle_dir, index_dir, ranker_dir, port, work / "server.log", s.max_batch, workers)
+    proc, ready_s = start_server(bundle_dir, index_dir, ranker_dir, port, work / "server.log", s.max_batch, workers,
+                                  s.max_wait_ms)
     log.info("server ready in %.1fs", ready_s)
     result: dict[str, Any] = {}
     try:
@@ -504,6 +509,8 @@ def table(result: dict[str, Any]) -> str:
     d, ip, st = result["data_and_training"], result["inprocess"], result["startup"]
     n_workers = result["settings"].get("workers", 1)
     workers = f" --workers {n_workers}" if n_workers > 1 else ""
+    wait = result["settings"].get("max_wait_ms", 1.0)
+    workers += f" --max-wait-ms {wait:g}" if wait != 1.0 else ""
     idx = result["index"]
     tuned = (idx.get("tuning") or {}).get("recall")
     lines = [
@@ -555,6 +562,8 @@ def main() -> None:
     parser.add_argument("--factory", default=None,
                         help="index family served instead of the scale's (built and tuned to recall@50 >= 0.95 "
                              "on validation users when OUT_DIR does not hold it)")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="the server's longest wait for a batch to fill (default: the scale's, 1 ms)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -563,7 +572,7 @@ def main() -> None:
         result = summarise(json.loads(path.read_text()))
     else:
         result = run(args.scale, args.out_dir, threads=args.threads, seconds=args.seconds, workers=args.workers,
-                     factory=args.factory)
+                     factory=args.factory, max_wait_ms=args.max_wait_ms)
     atomic_write_json(path, result)
     print(table(result))
     print(f"report: {path}")
