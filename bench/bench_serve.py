@@ -508,9 +508,8 @@ def rss(m: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     d, ip, st = result["data_and_training"], result["inprocess"], result["startup"]
     n_workers = result["settings"].get("workers", 1)
-    workers = f" --workers {n_workers}" if n_workers > 1 else ""
     wait = result["settings"].get("max_wait_ms", 1.0)
-    workers += f" --max-wait-ms {wait:g}" if wait != 1.0 else ""
+    flags = (f" --workers {n_workers}" if n_workers > 1 else "") + (f" --max-wait-ms {wait:g}" if wait != 1.0 else "")
     idx = result["index"]
     tuned = (idx.get("tuning") or {}).get("recall")
     lines = [
@@ -519,7 +518,7 @@ def table(result: dict[str, Any]) -> str:
         + f", n={result['n']}, rerank M={result['candidates']} with DIN; load average "
         f"{result['conditions']['load_average_before'][0]:.1f} before, {result['conditions']['load_average_after'][0]:.1f} "
         f"after; wall {result['wall_s']:.0f}s",
-        f"ready {st['ready_s']:.1f}s after `retrieve serve`{workers}; {rss(st['memory_ready'])} ready, "
+        f"ready {st['ready_s']:.1f}s after `retrieve serve`{flags}; {rss(st['memory_ready'])} ready, "
         f"{rss(st['memory_after_load'])} after the load",
         f"in process (batch {ip['batch']}): retrieval {ip['retrieval']['requests_per_s']:,.0f} requests/s, "
         f"with DIN {ip['rank']['requests_per_s']:,.0f} requests/s",

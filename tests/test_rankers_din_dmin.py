@@ -342,6 +342,15 @@ def test_dmin_needs_heads_that_divide_d_and_negatives_for_aux():
 
 # ---------------------------------------------------------------- every model
 
+
+def shared_scoring_batch() -> RankBatch:
+    """3 histories, 12 candidates scored against them (RankBatch.rows): a user's candidates."""
+    hist = problem(21, B=3)
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
+    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
+    return replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
+
+
 MODELS = [(EmbeddingMLP, RankerConfig), (DIN, DINConfig), (DMIN, DMINConfig)]
 
 
@@ -389,13 +398,11 @@ def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, confi
     model = model_cls(small(config_cls), item_features())
     model.loss(problem(3))  # move Dice's running statistics away from their start
     model.eval()
-    hist = problem(21, B=3)
-    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
-    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
-    shared = replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
+    shared = shared_scoring_batch()
+    rows = shared.rows
     own = shared.per_row()
     assert own.rows is None and own.history.shape == (12, 6)
-    assert torch.equal(own.history, hist.history[rows]) and torch.equal(own.user_features["g"], hist.user_features["g"][rows])
+    assert torch.equal(own.history, shared.history[rows]) and torch.equal(own.user_features["g"], shared.user_features["g"][rows])
     torch.testing.assert_close(model.score(shared), model.score(own), rtol=1e-5, atol=1e-6)
     if model_cls is DIN:  # the weights too
         _, w_shared, _ = model.interest(shared)
@@ -405,14 +412,6 @@ def test_candidates_of_shared_histories_score_as_their_own_rows(model_cls, confi
     with pytest.raises(RuntimeError, match="scoring path"):
         ActivationUnit(4).train().pool_shared(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.ones(1, 2, dtype=torch.bool),
                                               torch.zeros(3, dtype=torch.long))
-
-
-def shared_scoring_batch() -> RankBatch:
-    """3 histories, 12 candidates scored against them (RankBatch.rows): a user's candidates."""
-    hist = problem(21, B=3)
-    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2, 0, 1, 0, 2])
-    candidate = torch.randint(1, N_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
-    return replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
 
 
 @pytest.mark.parametrize("model_cls, config_cls", MODELS)

@@ -104,8 +104,7 @@ class ItemEncoder(nn.Module):
         (ids.shape): `layers.gather_rows(rows, inverse)` is forward(ids)."""
         table = self.table()
         if table is not None:
-            uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-            return table.index_select(0, uniq), inverse
+            return distinct_rows(lambda uniq: table.index_select(0, uniq), ids)
         return distinct_rows(self._encode, ids)
 
     def table(self) -> Tensor | None:
