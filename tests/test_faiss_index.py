@@ -405,3 +405,65 @@ def test_save_over_an_existing_index_keeps_it_on_failure(tmp_path, monkeypatch, 
 def test_save_rejects_reserved_fields(tmp_path, data):
     with pytest.raises(ValueError, match="ntotal"):
         save_index(build_index(data[0][:50], "Flat"), tmp_path / "idx", {"ntotal": 7})
+
+
+def _ivf(xb: np.ndarray, factory: str, metric: int, nprobe: int) -> faiss.Index:
+    index = faiss.index_factory(xb.shape[1], factory, metric)
+    index.train(xb)
+    index.add(xb)
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])
+@pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
+@pytest.mark.parametrize("nprobe", [1, 3, 16])
+def test_search_index_scores_the_centroids_itself_with_faiss_results(data, monkeypatch, factory, metric, nprobe):
+    """An IVF index with a flat quantizer: the coarse step by matrix products (in blocks of 64
+    queries here, so 200 queries cross blocks), the lists by faiss: faiss's own results."""
+    import index.faiss_index as fi
+
+    monkeypatch.setattr(fi, "COARSE_BLOCK", 64)
+    xb, xq = data
+    index = _ivf(xb, factory, metric, nprobe)
+    D_ref, I_ref = index.search(xq, 10)
+    D, I = fi.search_index(index, xq, 10)
+    assert fi._centroids(index) is not None  # the coarse step was ours
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16_HNSW8,Flat", "OPQ8,IVF16,PQ8"])
+def test_search_index_leaves_other_indexes_to_faiss(data, factory):
+    import index.faiss_index as fi
+
+    xb, xq = data
+    index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(xb)
+    index.add(xb)
+    D, I = fi.search_index(index, xq, 10)
+    assert fi._centroids(index) is None
+    D_ref, I_ref = index.search(xq, 10)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_array_equal(D, D_ref)
+
+
+def test_search_index_reads_a_swapped_quantizer_again(data):
+    """The centroids are kept per index object; a quantizer swapped in afterwards (another
+    centroid set over the same lists) is read again, not served from the old copy."""
+    import index.faiss_index as fi
+
+    xb, xq = data
+    index = _ivf(xb, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT, 1)
+    fi.search_index(index, xq, 10)
+    c = index.quantizer.reconstruct_n(0, index.nlist)
+    c[0] *= 50.0  # list 0 now draws most queries
+    q2 = faiss.IndexFlatIP(xb.shape[1])
+    q2.add(c)
+    index.quantizer = q2
+    q2.this.disown()
+    index.own_fields = True
+    D_ref, I_ref = index.search(xq, 10)
+    D, I = fi.search_index(index, xq, 10)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-3)
