@@ -107,6 +107,13 @@ def _non_negative(value: float) -> float:
     return value
 
 
+def _share(value: float) -> float:
+    """A share option's check: a finite number in (0, 1]."""
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise typer.BadParameter(f"must be a number in (0, 1], got {value}")
+    return value
+
+
 NEG_ALPHA_MAX = 4.0  # |alpha| beyond this puts every draw on a few items (and (count + 1)^alpha overflows)
 
 
@@ -191,6 +198,7 @@ HardNegatives = Annotated[float, typer.Option(callback=_non_negative, help="REMI
 PeakPenalty = Annotated[float, typer.Option(callback=_non_negative, help="REMI's lambda: routing regularisation against interests whose behaviour weights peak on few behaviours (0 = off). With --extractor routing it needs --routing-grad.")]
 RoutingGrad = Annotated[bool, typer.Option("--routing-grad/--no-routing-grad", help="Let gradients through MIND's routing logits (not in the paper; without it --peak-penalty changes nothing on routing).")]
 TargetWindow = Annotated[int, typer.Option(min=1, help="W: each training window's target is drawn from the next W behaviours (1 = the next item).")]
+RecentTargets = Annotated[float, typer.Option(callback=_share, help="Share of the training period whose behaviours are targets: the most recent part (1 = all), each with its whole history.")]
 Dim = Annotated[int, typer.Option(min=2, help="D: embedding size.")]
 MaxLen = Annotated[int, typer.Option(min=1, help="L: behaviours fed to the routing.")]
 Pow = Annotated[float, typer.Option(callback=_non_negative, help="Label-aware attention power p (0 = mean).")]
@@ -317,6 +325,7 @@ def train(
     peak_penalty: PeakPenalty = 0.0,
     routing_grad: RoutingGrad = False,
     target_window: TargetWindow = 1,
+    recent_targets: RecentTargets = 1.0,
     force: Force = False,
     threads: Threads = 0,
     device: Device = "auto",
@@ -350,7 +359,8 @@ def train(
         cfg = model_config_for(ds, extractor, **settings)
         tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
                          patience=patience, seed=seed, split_seed=split_seed, split=split_kind, merge=merge,
-                         threads=threads, max_steps=max_steps, target_window=target_window)
+                         threads=threads, max_steps=max_steps, target_window=target_window,
+                         recent_targets=recent_targets)
         if k is None:
             search = search_interests(ds, split, cfg, tc, out=out, data_spec=spec, runtime=runtime)
             if group.main:
@@ -782,6 +792,7 @@ def experiment(
     peak_penalty: PeakPenalty = 0.0,
     routing_grad: RoutingGrad = False,
     target_window: TargetWindow = 1,
+    recent_targets: RecentTargets = 1.0,
     settings: Annotated[Optional[str], typer.Option(help="More settings of the main MIND, key=value;key=value (any model-config or training field).")] = None,
     variants: Annotated[Optional[str], typer.Option(help="Comma-separated variants of the main MIND, each name:key=value;key=value (name: mind, or a registered retriever), e.g. one per remedy switched off.")] = None,
     tune: Annotated[Optional[str], typer.Option(help="Grid tried for the main MIND and for K=1 alike (the same budget), best validation Recall@50 kept: key=v1,v2;key=v1,v2.")] = None,
@@ -838,7 +849,7 @@ def experiment(
         ds = load_dataset(spec)
         tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, neg_alpha=neg_alpha,
                          patience=patience, seed=seed, split=split, threads=threads,
-                         target_window=target_window)
+                         target_window=target_window, recent_targets=recent_targets)
         md = out.with_suffix(".md")
 
         def write(partial: dict[str, Any]) -> None:

@@ -63,6 +63,10 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = leave torch's default
     max_steps: int = 0  # cap on steps per epoch (benchmarks, smoke runs); 0 = the whole epoch
     target_window: int = 1  # W: a window's target is drawn uniformly from the next W behaviours (1 = next item)
+    # share of the training period whose behaviours are targets (1 = all): the windows whose target lies in
+    # the most recent part, so the model learns to predict what was taken nearest to serving; each keeps
+    # its whole history before the target
+    recent_targets: float = 1.0
 
 
 @dataclass
@@ -307,6 +311,22 @@ class Setup:
         return positions + (self.rng.random(len(positions)) * span).astype(np.int64)
 
 
+def recent_windows(ds: Dataset, users: np.ndarray, positions: np.ndarray,
+                   share: float) -> tuple[np.ndarray, np.ndarray]:
+    """The training windows (users, positions: (S,) each) whose target's time is at or after the
+    (1 - share) quantile of all their targets' times: the most recent `share` of the training
+    period's behaviours as targets (all of them for share = 1). On data whose interests move
+    with time (the temporal split) the items taken just before the cut are the nearest to what
+    is taken after it."""
+    if not 0.0 < share <= 1.0 or not np.isfinite(share):
+        raise ConfigError(f"recent_targets must be in (0, 1], got {share}")
+    if share == 1.0:
+        return users, positions
+    t = ds.times[ds.offsets[users] + positions]  # (S,) each window's target time
+    keep = t >= np.quantile(t, 1.0 - share, method="lower")
+    return users[keep], positions[keep]
+
+
 def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, runtime: Runtime | None = None) -> Setup:
     """Seed, build the model and its optimizers, the training windows and the negative sampler,
     on the runtime's device (dense embedding gradients and a fused Adam on a GPU). With
@@ -323,6 +343,7 @@ def setup(ds: Dataset, split: Split, model_config: Any, config: TrainConfig, run
     users, positions = training_positions(ds, split.train_users, split.history_len)
     if len(users) == 0:
         raise DataError("no training windows: every training user has a single behaviour")
+    users, positions = recent_windows(ds, users, positions, config.recent_targets)
     if config.negatives == 0:  # full softmax: every item a negative, nothing to correct
         sampler, log_q = None, torch.zeros(ds.n_items + 1)
     else:

@@ -105,10 +105,12 @@ def test_train_attention_defaults_to_the_extractors_own(invoke, tiny_data, tmp_p
 def test_train_max_steps_caps_each_epoch(invoke, tiny_data, tmp_path):
     out = tmp_path / "capped"
     result = invoke("train", "--interactions", tiny_data["interactions"], "--out", out, "--epochs", "2",
-                    "--dim", "8", "--negatives", "16", "--batch-size", "8", "--max-steps", "3")
+                    "--dim", "8", "--negatives", "16", "--batch-size", "8", "--max-steps", "3",
+                    "--recent-targets", "0.5")
     assert result.exit_code == 0, result.output
     history = json.loads((out / "manifest.json").read_text())["history"]
     assert len(history) == 2
+    assert json.loads((out / "config.json").read_text())["train"]["recent_targets"] == 0.5
     # 3 steps of 8 windows each: the rate is over exactly 24 samples per epoch
     assert all(abs(h["samples_per_s"] * h["seconds"] - 24) < 1e-6 for h in history)
 

@@ -11,6 +11,7 @@ import torch
 
 from data.synthetic import SyntheticConfig, generate
 from retrieval.data import DataSpec, load_dataset, split_users
+from retrieval.errors import ConfigError
 from retrieval.mind import log_expected_counts
 import json
 
@@ -130,6 +131,26 @@ def test_target_window_draws_every_next_w_position_and_never_past_the_sequence(t
     moved, plain = make_batch(ds, u, p, 10, with_target=True, target=t), make_batch(ds, u, p, 10, with_target=True)
     assert torch.equal(moved.history, plain.history)
     assert moved.target.tolist() == [int(ds.items[ds.offsets[a] + b]) for a, b in zip(u, t)]
+
+
+def test_recent_targets_keeps_the_windows_of_the_latest_share_of_the_period(tiny) -> None:
+    _, ds, split = tiny
+    cfg = model_config_for(ds, dim=8, hidden=16)
+    full = setup(ds, split, cfg, TrainConfig(negatives=8))
+    half = setup(ds, split, cfg, TrainConfig(negatives=8, recent_targets=0.5))
+    key = lambda st: st.users * 10_000 + st.positions  # noqa: E731  one number per window
+    kept = np.isin(key(full), key(half))  # (S,) which of every window is still trained on
+    assert kept.sum() == len(half.users)  # a subset of the windows, none moved or added
+    t = ds.times[ds.offsets[full.users] + full.positions]  # (S,) each window's target time
+    assert t[kept].min() >= t[~kept].max()  # split by the target's time: the latest kept
+    assert 0.5 <= kept.mean() <= 0.5 + np.mean(t == t[kept].min())  # half, plus the ties at the cut
+    # each kept window keeps its whole history: the behaviours before its target
+    u, p = half.users[:8], half.positions[:8]
+    b = make_batch(ds, u, p, 50, with_target=True)
+    assert b.mask.sum(1).tolist() == np.minimum(p, 50).tolist()
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="recent_targets must be in"):
+            setup(ds, split, cfg, TrainConfig(negatives=8, recent_targets=bad))
 
 
 def test_zero_negatives_is_the_full_softmax_without_correction(tiny) -> None:
