@@ -254,7 +254,6 @@ class _Centroids:
     """An IVF index's coarse centroids, laid out for one matrix product per block of queries."""
 
     quantizer: int  # address of the quantizer they were read from (a swapped quantizer is read again)
-    nlist: int
     by_ip: bool  # True: inner product, larger is nearer; False: L2, smaller is nearer
     ct: np.ndarray  # (d, nlist) float32, the centroids transposed
     sq: np.ndarray  # (nlist,) float32 squared norms (L2 only; empty for inner product)
@@ -272,7 +271,7 @@ def _centroids(index: faiss.Index) -> _Centroids | None:
     quantizer = index.quantizer
     address = int(quantizer.this)
     cached = _CENTROIDS.get(index)
-    if cached is not None and cached.quantizer == address and cached.nlist == quantizer.ntotal:
+    if cached is not None and cached.quantizer == address and cached.ct.shape[1] == quantizer.ntotal:
         return cached
     quantizer = faiss.downcast_index(quantizer)
     metric = quantizer.metric_type
@@ -283,7 +282,7 @@ def _centroids(index: faiss.Index) -> _Centroids | None:
     c = quantizer.reconstruct_n(0, quantizer.ntotal)  # (nlist, d)
     by_ip = metric == faiss.METRIC_INNER_PRODUCT
     sq = np.zeros(0, dtype=np.float32) if by_ip else (c * c).sum(1).astype(np.float32)
-    entry = _Centroids(address, int(quantizer.ntotal), by_ip, np.ascontiguousarray(c.T), sq)
+    entry = _Centroids(address, by_ip, np.ascontiguousarray(c.T), sq)
     _CENTROIDS[index] = entry
     return entry
 
@@ -303,7 +302,7 @@ def search_index(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray
     cent = _centroids(index)
     if cent is None:
         return index.search(xq, k)
-    nprobe = max(1, min(int(index.nprobe), cent.nlist))
+    nprobe = max(1, min(int(index.nprobe), cent.ct.shape[1]))
     nq = xq.shape[0]
     Iq = np.empty((nq, nprobe), dtype=np.int64)
     Dq = np.empty((nq, nprobe), dtype=np.float32)

@@ -318,7 +318,7 @@ def recent_windows(ds: Dataset, users: np.ndarray, positions: np.ndarray,
     period's behaviours as targets (all of them for share = 1). On data whose interests move
     with time (the temporal split) the items taken just before the cut are the nearest to what
     is taken after it."""
-    if not 0.0 < share <= 1.0 or not np.isfinite(share):
+    if not 0.0 < share <= 1.0:  # NaN fails the comparison too
         raise ConfigError(f"recent_targets must be in (0, 1], got {share}")
     if share == 1.0:
         return users, positions
