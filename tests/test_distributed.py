@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,12 @@ class _Crash(Exception):
     pass
 
 
+def _reached(out: Path, rank: int, stage: str) -> None:
+    """Leave a trace of each finished stage, so a rank that dies in C++ says where."""
+    with open(out / f"stage_{rank}.txt", "a") as f:
+        f.write(stage + "\n")
+
+
 def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
     out = Path(root)
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
@@ -75,11 +82,13 @@ def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
             if dense_below is not None:
                 distributed.DENSE_BELOW = default
             torch.save({"state": state, "loss": loss}, out / f"{name}_{rank}.pt")
+            _reached(out, rank, name)
 
         cfg = model_config_for(ds, dim=8, seed=2)
         full = train(ds, split, cfg, _train_config(), out=out / "bundle", data_spec=spec, show_progress=False,
                      checkpointing=Checkpointing(out / "full.ckpt", every=6))
         torch.save({"state": cpu_state(full.model), "history": full.history}, out / f"full_{rank}.pt")
+        _reached(out, rank, "full")
 
         # The same run crashing on both ranks in step 8 of epoch 2 (last checkpoint: step 6), then resumed.
         import retrieval.train as train_module
@@ -105,10 +114,12 @@ def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
             (out / "crash_point.json").write_text(json.dumps({"epoch": saved["epoch"], "step": saved["step"]}))
         resumed = train(ds, split, cfg, _train_config(), show_progress=False, checkpointing=ckpt)
         torch.save({"state": cpu_state(resumed.model), "history": resumed.history}, out / f"resumed_{rank}.pt")
+        _reached(out, rank, "resumed")
 
         ranker = train_ranker(ds, split, RankTrainConfig(model="din", epochs=1, batch_size=64, dim=4, max_len=10,
                                                          threads=1), show_progress=False)
         torch.save(cpu_state(ranker.model), out / f"ranker_{rank}.pt")
+        _reached(out, rank, "ranker")
 
         # Replicas out of sync, and an error on rank 0 only: every rank raises.
         from retrieval.distributed import ReplicaError, check_in_sync, current, from_main
@@ -129,6 +140,7 @@ def _worker(rank: int, root: str, paths: dict[str, str]) -> None:
         except ArtifactError as err:
             raised.append(str(err))
         (out / f"raised_{rank}.json").write_text(json.dumps(raised))
+        _reached(out, rank, "raised")
     finally:
         dist.destroy_process_group()
 
@@ -154,10 +166,24 @@ def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The directory where the two spawned gloo processes left their results."""
-    root = tmp_path_factory.mktemp("two_ranks")
-    mp.start_processes(_worker, args=(str(root), tiny_paths), nprocs=2, start_method="spawn")
-    return root
+    """The directory where the two spawned gloo processes left their results.
+
+    Once in CI (stop 19), never in dozens of local runs, a rank died in gloo's C++ with SIGABRT
+    ('terminate called without an active exception'): a rank killed by a signal gets one more
+    try in a fresh directory, with a warning naming the stages each rank had finished. A Python
+    exception in a rank (our code failing) is never retried, nor is a second death."""
+    for attempt in (1, 2):
+        root = tmp_path_factory.mktemp("two_ranks")
+        try:
+            mp.start_processes(_worker, args=(str(root), tiny_paths), nprocs=2, start_method="spawn")
+            return root
+        except mp.ProcessExitedException as err:
+            if attempt == 2 or not err.signal_name:
+                raise
+            stages = {r: (root / f"stage_{r}.txt").read_text().split() if (root / f"stage_{r}.txt").exists() else []
+                      for r in (0, 1)}
+            warnings.warn(f"gloo ranks died ({err}) after stages {stages}; one more try", stacklevel=1)
+    raise AssertionError("unreachable")
 
 
 def test_shares_cover_the_batch_in_order() -> None:
