@@ -15,6 +15,7 @@ from torch import nn
 from retrieval.layers import ActivationUnit, Dice, activation
 from retrieval.ranking.base import EmbeddingMLP
 from retrieval.ranking.common import RankBatch, RankerConfig, feature_frequencies, mba_l2
+from retrieval.ranking.dien import DIEN, DIENConfig
 from retrieval.ranking.din import DIN, DINConfig
 from retrieval.ranking.dmin import DMIN, DMINConfig, attention_mask, auxiliary_loss
 
@@ -351,7 +352,7 @@ def shared_scoring_batch() -> RankBatch:
     return replace(hist, candidate=candidate, rows=rows, label=None, neg_history=None)
 
 
-MODELS = [(EmbeddingMLP, RankerConfig), (DIN, DINConfig), (DMIN, DMINConfig)]
+MODELS = [(EmbeddingMLP, RankerConfig), (DIN, DINConfig), (DMIN, DMINConfig), (DIEN, DIENConfig)]
 
 
 @pytest.mark.parametrize("model_cls, config_cls", MODELS)

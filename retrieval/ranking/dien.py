@@ -78,17 +78,23 @@ class AttentionGRUCell(nn.Module):
 
     def step(self, xg: Tensor, h: Tensor, a: Tensor) -> Tensor:
         """xg (B, 3G) input gates, h (B, G), a (B,) -> (B, G)."""
+        return self.update(xg, h, None if self.kind == "aigru" else a.unsqueeze(-1))
+
+    def update(self, xg: Tensor, h: Tensor, w: Tensor | None) -> Tensor:
+        """One step whose update gate is scaled by w (B, 1): AUGRU's a_t, and a padded step's 0,
+        which keeps the state; for AGRU w replaces the gate; None scales nothing (AIGRU).
+        h + g ⊙ (h̃ - h) is (1 - g) ⊙ h + g ⊙ h̃ in fewer operations: the evolving loop runs
+        it L times per batch, forward and backward."""
         xr, xu, xh = xg.chunk(3, dim=-1)  # (B, G) each
         hr, hu, hh = self.h2g(h).chunk(3, dim=-1)  # (B, G) each
         r = torch.sigmoid(xr + hr)  # reset gate
-        u = torch.sigmoid(xu + hu)  # update gate
         cand = torch.tanh(xh + r * hh)  # h̃_t
-        a = a.unsqueeze(-1)  # (B, 1)
-        if self.kind == "augru":
-            u = a * u  # u'_t = a_t u_t
-        elif self.kind == "agru":
-            u = a.expand_as(h)  # the attention replaces the update gate
-        return (1 - u) * h + u * cand
+        if self.kind == "agru":
+            g = w  # (B, 1): the attention replaces the update gate
+        else:
+            u = torch.sigmoid(xu + hu)  # update gate
+            g = u if w is None else w * u  # (B, G): u'_t = a_t u_t (AUGRU)
+        return h + g * (cand - h)
 
 
 class DIEN(ClickModel):
@@ -116,18 +122,19 @@ class DIEN(ClickModel):
     def evolve(self, h: Tensor, a: Tensor, mask: Tensor) -> Tensor:
         """Interest evolving GRU: h (B, L, G), a (B, L), mask (B, L) -> state at the last real step (B, G).
 
-        A masked step keeps the state, h' = m h'_new + (1 - m) h', so padding anywhere never
-        moves it; an empty row stays at the zero initial state.
+        A masked step scales its update gate by 0 and keeps the state exactly (h' + 0 ⊙ (h̃ - h')),
+        so padding anywhere never moves it; an empty row stays at the zero initial state.
         """
-        x = a.unsqueeze(-1) * h if self.evolution.kind == "aigru" else h  # (B, L, G)
+        kind = self.evolution.kind
+        x = a.unsqueeze(-1) * h if kind == "aigru" else h  # (B, L, G)
         xg = self.evolution.x2g(x)  # (B, L, 3G)
-        m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+        m = mask.to(h.dtype)  # (B, L)
+        w = (m if kind == "aigru" else a * m).unsqueeze(-1)  # (B, L, 1): the gate's scale, 0 on padding
         state = h.new_zeros(h.shape[0], h.shape[2])  # (B, G)
         # unbind once: indexing [:, t] in the loop would make each step's backward write a
         # zero (B, L, ·) gradient, O(L²) work that took most of a training step
-        for xg_t, a_t, m_t in zip(xg.unbind(1), a.unbind(1), m.unbind(1)):  # (B, 3G), (B,), (B, 1)
-            new = self.evolution.step(xg_t, state, a_t)
-            state = m_t * new + (1 - m_t) * state
+        for xg_t, w_t in zip(xg.unbind(1), w.unbind(1)):  # (B, 3G), (B, 1)
+            state = self.evolution.update(xg_t, state, w_t)
         return state
 
     def aux_loss(self, h: Tensor, e: Tensor, neg: Tensor, mask: Tensor) -> Tensor:
@@ -141,16 +148,26 @@ class DIEN(ClickModel):
         return (nll * valid).sum() / valid.sum().clamp(min=1)
 
     def _forward(self, batch: RankBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """-> logits (B,), interest states h (B, L, G), behaviour embeddings e (B, L, D)."""
-        batch = batch.per_row()
-        mask = batch.mask
-        e = self.items(batch.history.masked_fill(~mask, 0))  # (B, L, D), zero on padding
+        """-> logits (B,), interest states h (H, L, G) and behaviour embeddings e (H, L, D) of the
+        batch's H distinct histories (H = B without batch.rows).
+
+        Where candidates share a history (batch.rows: a positive and its negatives in training,
+        a user's M candidates when scoring) the embedding, the extractor GRU and the pooling run
+        once per history; only the attention and the evolving GRU, which depend on the
+        candidate, run per candidate."""
+        mask = batch.mask  # (H, L)
+        e = self.items(batch.history.masked_fill(~mask, 0))  # (H, L, D), zero on padding
+        h = self.extract(e, mask)  # (H, L, G)
+        pooled = e.sum(1)  # (H, D)
+        profile = self.profile(batch.user_features, len(mask))  # (H, P)
+        h_b, mask_b = h, mask
+        if batch.rows is not None:  # out to one row per candidate
+            h_b, mask_b = h.index_select(0, batch.rows), mask.index_select(0, batch.rows)  # (B, L, G), (B, L)
+            pooled, profile = pooled.index_select(0, batch.rows), profile.index_select(0, batch.rows)  # (B, D), (B, P)
         cand = self.items(batch.candidate)  # (B, D)
-        h = self.extract(e, mask)  # (B, L, G)
-        _, a = self.attention(h, cand, mask)  # (B, L), 0 on padding
-        final = self.evolve(h, a, mask)  # (B, G)
-        profile = self.profile(batch.user_features, len(cand)).to(cand)  # (B, P)
-        x = torch.cat([final, cand, profile, e.sum(1)], dim=-1)  # (B, G + D + P + D)
+        _, a = self.attention(h_b, cand, mask_b)  # (B, L), 0 on padding
+        final = self.evolve(h_b, a, mask_b)  # (B, G)
+        x = torch.cat([final, cand, profile.to(cand), pooled], dim=-1)  # (B, G + D + P + D)
         return self.head(x).squeeze(-1), h, e
 
     def score(self, batch: RankBatch) -> Tensor:
@@ -159,8 +176,9 @@ class DIEN(ClickModel):
 
     def losses(self, batch: RankBatch) -> dict[str, Tensor]:
         """{"total", "bce", "aux", "l2"}, each (); total = bce + aux_weight × aux + l2 × l2
-        (aux = 0 when aux_weight = 0, l2 = 0 when config.l2 = 0)."""
-        batch = batch.per_row()
+        (aux = 0 when aux_weight = 0, l2 = 0 when config.l2 = 0). The auxiliary loss is the mean
+        over the distinct histories: a training step's groups all have 1 + k rows (a positive
+        and its k negatives), so it equals the mean over the rows."""
         c = self.config
         if batch.label is None:
             raise ValueError("batch.label is None: the loss needs click labels")
@@ -170,7 +188,7 @@ class DIEN(ClickModel):
         if c.aux_weight:
             if batch.neg_history is None:
                 raise ValueError(f"batch.neg_history is None: aux_weight={c.aux_weight} needs sampled negatives")
-            negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (B, L)
+            negatives = batch.neg_history.masked_fill(~batch.mask, 0)  # (H, L)
             aux = self.aux_loss(h, e, self.items(negatives), batch.mask)
             ids.append(negatives)
         return self.click_losses(logits, batch, ids, aux, c.aux_weight)
