@@ -11,7 +11,7 @@ Settings and variants. The main MIND is `model_settings` (+ `settings` overrides
 `name` is "mind" (the main configuration) or a registered retriever (retrieval/retrievers.py),
 and each key overrides a model-config field or a TrainConfig field, e.g. `mind:interests=2`
 or `mind:lr=0.001`. So "each remedy switched off in turn" is one variant per remedy
-(`mind:beta=0`, `mind:routing_penalty=0`, ...), whatever fields the model side adds, and the
+(`mind:hard_negatives=0`, `mind:peak_penalty=0`, ...), whatever fields the model side adds, and the
 label of a row is the variant's text.
 
 Tuning budget. `tune` is a grid (`lr=0.001,0.003;dim=32,64`) tried for the main MIND and for
