@@ -1,6 +1,9 @@
 """Smoke run of the benchmark suite: the parts run in their own processes, the report gathers them."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from bench.suite import main
 
@@ -89,3 +92,80 @@ def test_combined_ranker_reports_aggregate_every_seed_once(tmp_path):
     assert "2026, 2027, 2028" in (tmp_path / "all.md").read_text()
     with pytest.raises(SystemExit, match="is one of the reports"):
         main([*paths, "--out", paths[0]])
+
+
+def _experiment_report(tmp_path, name, runs, complete=True, fingerprint="f", split="user"):
+    """A `retrieve experiment` report with hand-made per-run records: every model scores
+    recall@50 = r + its place in MODELS / 100 on run (split seed, training seed, r); the other
+    figures r / 2; MIND trains at 1000 * r samples/s. Written to tmp_path / name."""
+    from bench.combine_experiments import FIGURES, MODELS
+
+    per_run = [{"split_seed": s, "train_seed": t,
+                "models": {m: {f: (r + i / 100 if f == "recall@50" else r / 2) for f in FIGURES}
+                           for i, m in enumerate(MODELS)},
+                "training": {m: {"train_samples_per_s": 1000.0 * r} for m in ("mind", "mind_k1")}}
+               for s, t, r in runs]
+    report = {"kind": "retrieval-experiment", "complete": complete, "data_fingerprint": fingerprint, "split": split,
+              "split_seeds": sorted({s for s, _, _ in runs}), "train_seeds": sorted({t for _, t, _ in runs}),
+              "runs": len(runs), "per_run": per_run}
+    (tmp_path / name).write_text(json.dumps(report))
+    return str(tmp_path / name)
+
+
+def test_combined_experiment_reports_give_mean_and_std_over_every_run_once(tmp_path, capsys):
+    from bench.combine_experiments import main
+
+    a = _experiment_report(tmp_path, "a.json", [(2027, 0, 0.2), (2028, 0, 0.3)])
+    b = _experiment_report(tmp_path, "b.json", [(2026, 0, 0.1)])
+    main([a, b])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "runs (split seed, training seed) [(2026, 0), (2027, 0), (2028, 0)] count 3"
+    assert lines[1] == "| model | Recall@20 | NDCG@20 | Recall@50 | HitRate@50 | NDCG@50 |"
+    # mind is MODELS[1]: recall@50 0.11, 0.21, 0.31 -> 0.21 ± 0.1; the other figures 0.05, 0.1, 0.15 -> 0.1 ± 0.05
+    assert lines[4] == "| mind | 0.100 ± 0.050 | 0.100 ± 0.050 | 0.210 ± 0.100 | 0.100 ± 0.050 | 0.100 ± 0.050 |"
+    assert lines[3].startswith("| retriever | ") and "| 0.200 ± 0.100 |" in lines[3]
+    assert "mind per run R@50/N@50 [(2026, 0, 0.11, 0.05), (2027, 0, 0.21, 0.1), (2028, 0, 0.31, 0.15)]" in lines
+    assert "mind samples/s 200 ± 100" in lines
+    # the same runs as one report: the same figures
+    main([_experiment_report(tmp_path, "all.json", [(2026, 0, 0.1), (2027, 0, 0.2), (2028, 0, 0.3)])])
+    assert capsys.readouterr().out.splitlines() == lines
+
+    unfinished = _experiment_report(tmp_path, "c.json", [(2029, 0, 0.4)], complete=False)
+    with pytest.raises(SystemExit) as stop:
+        main([a, unfinished])
+    assert stop.value.code == f"error: {unfinished}: the experiment did not finish every run"
+
+
+def test_combining_experiments_refuses_other_data_another_split_and_a_run_twice(tmp_path, capsys):
+    from bench.combine_experiments import main
+
+    a = _experiment_report(tmp_path, "a.json", [(2026, 0, 0.1)])
+    for name, kwargs, message in (
+        ("f.json", {"fingerprint": "g"}, "data_fingerprint differs from"),
+        ("t.json", {"split": "time"}, "split differs from"),
+    ):
+        other = _experiment_report(tmp_path, name, [(2027, 0, 0.2)], **kwargs)
+        with pytest.raises(SystemExit) as stop:
+            main([a, other])
+        assert stop.value.code == f"error: {other}: {message} {a}'s; only the split and training seeds may differ"
+    with pytest.raises(SystemExit) as stop:  # the same report twice would halve its std's weight
+        main([a, a])
+    assert stop.value.code == f"error: {a}: run (split seed, training seed) (2026, 0) is in two reports"
+    # temporal runs share one split seed and differ by training seed: both kept, each labelled by both
+    b = _experiment_report(tmp_path, "b.json", [(2026, 1, 0.3)])
+    main([a, b])
+    assert capsys.readouterr().out.splitlines()[0] == "runs (split seed, training seed) [(2026, 0), (2026, 1)] count 2"
+
+
+def test_combining_experiments_without_k1_prints_the_models_every_run_has(tmp_path, capsys):
+    """An `--interests 1` report has no separate K=1 row: the table leaves it out, no KeyError."""
+    from bench.combine_experiments import main
+
+    path = _experiment_report(tmp_path, "k1.json", [(2026, 0, 0.1), (2027, 0, 0.2)])
+    report = json.loads(Path(path).read_text())
+    for r in report["per_run"]:
+        del r["models"]["mind_k1"], r["training"]["mind_k1"]
+    Path(path).write_text(json.dumps(report))
+    main([path])
+    out = capsys.readouterr().out
+    assert "| mind | " in out and "mind_k1" not in out
