@@ -169,3 +169,22 @@ def test_combining_experiments_without_k1_prints_the_models_every_run_has(tmp_pa
     main([path])
     out = capsys.readouterr().out
     assert "| mind | " in out and "mind_k1" not in out
+
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason="../shared/datasets/ml-100k not present")
+def test_rank_latency_bench_times_every_ranker_and_writes_its_json(tmp_path, capsys):
+    from bench.bench_rank_latency import main as bench_main
+
+    bench_main(["--data", str(ML100K), "--out", str(tmp_path), "--rankers", "base,din:att_hidden=8",
+                "--requests", "5", "--candidates", "20"])
+    res = json.loads((tmp_path / "bench_rank_latency.json").read_text())
+    assert (res["M"], res["requests"], res["threads"]) == (20, 5, 1)
+    assert list(res["rankers"]) == ["base", "din:att_hidden=8"]
+    for r in res["rankers"].values():
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and 0 < r["cpu_p50_ms"] <= r["cpu_p99_ms"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("rerank one user's 20 candidates, 5 requests, 1 thread(s)")
+    assert [line.split()[0] for line in out[2:]] == ["base", "din:att_hidden=8"]
