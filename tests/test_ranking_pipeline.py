@@ -409,6 +409,38 @@ def test_session_statistics_by_hand():
     assert st["same_timestamp_as_previous"] == pytest.approx(3 / 5)  # pairs inside a user only
 
 
+def test_sessions_in_history_counts_the_sessions_a_ranker_reads_by_hand():
+    from retrieval.ranking.sessions import sessions_in_history
+
+    # user 0 rates at 0, 60, 4000, 4100, 9000 s: sessions {0, 60}, {4000, 4100}, {9000}
+    ds = hand_dataset([[1, 2, 3, 4, 5], [6, 7]], n_items=8, times=[[0, 60, 4000, 4100, 9000], [0, 5000]])
+    users, ends = np.array([0, 0, 0, 0, 1, 1]), np.array([5, 5, 2, 0, 1, 2])
+    assert sessions_in_history(ds, users, ends).tolist() == [3, 3, 1, 0, 1, 2]
+    # only the last max_len behaviours of sequence[:end]: the last 2 of user 0's 5 are 4100, 9000
+    assert sessions_in_history(ds, users, ends, max_len=2).tolist() == [2, 2, 1, 0, 1, 2]
+    assert sessions_in_history(ds, users, ends, max_len=3, gap=5000).tolist() == [1, 1, 1, 0, 1, 1]
+
+
+def test_pair_metrics_by_segment_are_the_metrics_of_the_segments_pairs_alone(small):
+    from retrieval.metrics import auc, gauc
+    from retrieval.ranking.models import build_ranker
+
+    ds, split = small.dataset, small.split
+    model = build_ranker("base", ds, split.train_users, dim=4, hidden=(8,)).eval()
+    pairs = protocol_pairs(ds, split, "validation")
+    some = pairs.users % 2 == 0  # (R,) a segment of whole users
+    out = pair_metrics(model, ds, pairs, {"even": some, "odd": ~some, "positives": pairs.labels == 1})
+    whole = pair_metrics(model, ds, pairs)
+    assert {k: out[k] for k in whole} == whole  # the headline figures are untouched
+    s = score_pairs(model, ds, pairs)
+    for name, mask in (("even", some), ("odd", ~some)):
+        seg = out["by_segment"][name]
+        assert seg["pairs"] == mask.sum() > 0
+        assert seg["auc"] == pytest.approx(auc(pairs.labels[mask], s[mask]))
+        assert seg["gauc"] == pytest.approx(gauc(pairs.users[mask], pairs.labels[mask], s[mask]))
+    assert out["by_segment"]["positives"] == {"auc": None, "gauc": None, "pairs": int((pairs.labels == 1).sum())}
+
+
 # ---------------------------------------------------------------------------- rerank
 
 
@@ -888,6 +920,15 @@ def test_experiment_rankers_report_with_variants(invoke, tmp_path):
                     for s in report["per_seed"]]
         assert f"| {label} | {' | '.join(per_seed)} |" in md
     assert "| ranker | 2026 | 2027 |" in md and "Sessions (gap 1800 s)" in md
+    # AUC / GAUC apart for users with one session and with several in the history the ranker reads
+    for label, row in report["rankers"].items():
+        runs = [s["rankers"][label] for s in report["per_seed"]]
+        assert all(0 <= r["several_sessions_pair_share"] <= 1 for r in runs)
+        for key in ("auc_one_session", "gauc_one_session", "auc_several_sessions", "gauc_several_sessions"):
+            seen = [r[key] for r in runs if r[key] is not None]
+            assert (key in row) == (len(seen) == len(runs))  # a figure is aggregated only where every seed has it
+            assert all(0 <= v <= 1 for v in seen)
+    assert "| ranker | one session: AUC | GAUC | several sessions: AUC | GAUC |" in md
 
 
 def test_variant_settings_split_into_training_and_model_fields():

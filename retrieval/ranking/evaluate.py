@@ -19,6 +19,7 @@ from retrieval.retrievers import Retriever
 from retrieval.ranking.data import protocol_pairs
 from retrieval.ranking.models import Ranker
 from retrieval.ranking.scoring import fuse, pair_metrics, rerank, score_candidates
+from retrieval.ranking.sessions import sessions_in_history
 from retrieval.recommend import recommend
 from retrieval.samples import Histories
 
@@ -34,14 +35,18 @@ def evaluate_ranker(
     ns: Sequence[int] = (20, 50),
     latency_users: int = 0,
 ) -> dict[str, Any]:
-    """Standalone AUC / GAUC / log loss on the protocol's pairs, and two-stage metrics beside
+    """Standalone AUC / GAUC / log loss on the protocol's pairs (also AUC / GAUC apart for the users
+    whose history the ranker reads holds one session and those whose holds several, 30-minute
+    rule: where DSIN's session structure can help), and two-stage metrics beside
     retrieval's: `two_stage` orders as served (fused with the retrieval score when the ranker has
     a retrieval weight), `two_stage_ranker_only` by the ranker's logits alone. With
     `latency_users` > 0, also the p50 / p99 latency of scoring one user's M candidates."""
     if m < max(ns):
         raise RetrievalError(f"M={m} candidates cannot fill a top-{max(ns)} list; use at least {max(ns)}")
     t0 = time.perf_counter()
-    standalone = pair_metrics(ranker, ds, protocol_pairs(ds, split, part))
+    pairs = protocol_pairs(ds, split, part)
+    several = sessions_in_history(ds, pairs.users, pairs.ends, ranker.config.max_len) > 1  # (R,)
+    standalone = pair_metrics(ranker, ds, pairs, {"one_session": ~several, "several_sessions": several})
     users, ends, truth = held_out_users(ds, split, part)
     hist = Histories.of(ds, users, ends)
     rec = recommend(retriever, ds, index, hist, m)

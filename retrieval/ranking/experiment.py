@@ -132,6 +132,10 @@ def run_seed(
             "auc": ev["standalone"]["auc"],
             "gauc": ev["standalone"]["gauc"],
             "log_loss": ev["standalone"]["log_loss"],
+            **{f"{metric}_{segment}": figures[metric] for segment, figures in ev["standalone"]["by_segment"].items()
+               for metric in ("auc", "gauc")},
+            "several_sessions_pair_share": ev["standalone"]["by_segment"]["several_sessions"]["pairs"]
+            / max(1, sum(f["pairs"] for f in ev["standalone"]["by_segment"].values())),
             **{f"two_stage_{k}": v for k, v in ev["two_stage"].items()},
             "two_stage_ranker_only_ndcg@20": ev["two_stage_ranker_only"]["ndcg@20"],
             **{f"retrieval_{k}": v for k, v in ev["retrieval_only"].items()},
@@ -217,7 +221,9 @@ def aggregate_rankers(labels: Sequence[str], per_seed: Sequence[dict[str, Any]])
         runs = [s["rankers"][label] for s in per_seed if label in s["rankers"]]  # a stopped seed lacks the last
         if not runs:
             continue
-        rankers[label] = {k: mean_std([r[k] for r in runs]) for k in runs[0]}
+        # figures every seed has (a segment with one class has none; older parts lack newer figures)
+        keys = [k for k in runs[0] if all(r.get(k) is not None for r in runs)]
+        rankers[label] = {k: mean_std([r[k] for r in runs]) for k in keys}
         rankers[label]["seeds"] = [s["split_seed"] for s in per_seed if label in s["rankers"]]
         rankers[label]["seeds_above_retrieval_ndcg@20"] = sum(r["two_stage_ndcg@20"] > r["retrieval_ndcg@20"]
                                                               for r in runs)
@@ -309,6 +315,15 @@ def format_ranker_markdown(report: dict[str, Any]) -> str:
             r = s["rankers"].get(label)  # None: the run stopped before this ranker
             cells.append("–" if r is None else f"{r['two_stage_ndcg@20']:.4f} / {r['retrieval_ndcg@20']:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    segmented = [(label, row) for label, row in report["rankers"].items() if "gauc_several_sessions" in row]
+    if segmented:
+        share = segmented[0][1]["several_sessions_pair_share"]["mean"]
+        lines += ["", "AUC / GAUC apart for the users whose last L behaviours hold one session and those whose hold "
+                  f"several (30-minute rule; {100 * share:.0f} % of the pairs are of users with several):", "",
+                  "| ranker | one session: AUC | GAUC | several sessions: AUC | GAUC |", "|---|---|---|---|---|"]
+        for label, row in segmented:
+            lines.append(f"| {label} | {cell(row, 'auc_one_session')} | {cell(row, 'gauc_one_session')} | "
+                         f"{cell(row, 'auc_several_sessions')} | {cell(row, 'gauc_several_sessions')} |")
     st = report.get("sessions")
     if st:
         lines += ["", f"Sessions (gap {st['gap_s']:.0f} s): "

@@ -20,6 +20,8 @@ retrieval scores (or with w = 0) the order is the ranker's own.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -54,11 +56,23 @@ def score_pairs(
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def pair_metrics(model: Ranker, ds: Dataset, pairs: PairSet) -> dict[str, float]:
-    """AUC, GAUC and log loss of the model's scores on labelled pairs (the ranker alone)."""
+def pair_metrics(model: Ranker, ds: Dataset, pairs: PairSet,
+                 segments: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """AUC, GAUC and log loss of the model's scores on labelled pairs (the ranker alone). With
+    `segments` (name -> (R,) bool mask over the pairs), also {"by_segment": {name: {auc, gauc,
+    pairs}}} on each segment's pairs alone (auc and gauc None where a segment holds one class)."""
     s = score_pairs(model, ds, pairs)
-    return {"auc": auc(pairs.labels, s), "gauc": gauc(pairs.users, pairs.labels, s),
-            "log_loss": log_loss(pairs.labels, s)}
+    out: dict[str, Any] = {"auc": auc(pairs.labels, s), "gauc": gauc(pairs.users, pairs.labels, s),
+                           "log_loss": log_loss(pairs.labels, s)}
+    if segments is not None:
+        out["by_segment"] = {}
+        for name, mask in segments.items():
+            labels = pairs.labels[mask]
+            both = 0 < labels.sum() < len(labels)
+            out["by_segment"][name] = {"auc": auc(labels, s[mask]) if both else None,
+                                       "gauc": gauc(pairs.users[mask], labels, s[mask]) if both else None,
+                                       "pairs": int(mask.sum())}
+    return out
 
 
 def standardise(retrieval_scores: np.ndarray, valid: np.ndarray) -> np.ndarray:

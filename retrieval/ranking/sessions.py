@@ -140,6 +140,20 @@ def session_statistics(ds: "Dataset", max_len: int = 50, gap: float = DEFAULT_GA
     }
 
 
+def sessions_in_history(ds: "Dataset", users: np.ndarray, ends: np.ndarray, max_len: int = 50,
+                        gap: float = DEFAULT_GAP) -> np.ndarray:
+    """(U,) the number of sessions among the last `max_len` behaviours of each history
+    sequence[:end] (what a ranker reads); 0 for an empty history. Splits evaluation users into
+    those DSIN's session structure can help (several sessions) and those it cannot (one)."""
+    users, ends = np.asarray(users, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    first = np.maximum(ends - max_len, 0)
+    out = np.zeros(len(users), dtype=np.int64)
+    some = ends > first
+    if some.any():
+        _, out[some] = _session_sizes(ds.times, ds.offsets[users[some]] + first[some], (ends - first)[some], gap)
+    return out
+
+
 def _session_sizes(times: np.ndarray, starts: np.ndarray, n: np.ndarray, gap: float
                    ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
     """Sizes of every session of the spans times[starts[u] : starts[u] + n[u]] (spans with
