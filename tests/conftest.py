@@ -17,6 +17,7 @@ from cli import app
 from data.synthetic import SyntheticConfig, generate
 from retrieval.artifacts import dir_fingerprint, write_manifest
 
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"  # the real log, where present
 SMALL = SyntheticConfig(n_users=150, n_items=300, n_topics=10, max_len=60, mean_len=40.0, seed=3)
 # A second, different log: a K=1 bundle trained on it is "trained on other data".
 TINY = SyntheticConfig(

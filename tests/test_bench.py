@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ML100K
 
 from bench.suite import main
 
@@ -169,9 +170,6 @@ def test_combining_experiments_without_k1_prints_the_models_every_run_has(tmp_pa
     main([path])
     out = capsys.readouterr().out
     assert "| mind | " in out and "mind_k1" not in out
-
-
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="../shared/datasets/ml-100k not present")

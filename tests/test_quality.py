@@ -3,10 +3,9 @@
 These train for a few epochs only; the figures in the README come from `retrieve experiment`.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import ML100K
 
 from data.synthetic import SyntheticConfig, generate
 from retrieval.channels import DECAYS, KNN_K
@@ -14,7 +13,6 @@ from retrieval.data import DataSpec, load_dataset, split_users
 from retrieval.evaluate import evaluate_models
 from retrieval.train import TrainConfig, model_config_for, train
 
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
 
 
 def test_mind_separates_planted_interests(tmp_path):

@@ -118,7 +118,7 @@ def session_statistics(ds: "Dataset", max_len: int = 50, gap: float = DEFAULT_GA
     users = np.arange(ds.n_users)
     whole, _ = _session_sizes(ds.times, ds.offsets[:-1], lengths, gap)
     first = np.maximum(lengths - max_len, 0)
-    recent, per_user = _session_sizes(ds.times, ds.offsets[:-1] + first, lengths - first, gap)
+    per_user = sessions_in_history(ds, users, lengths, max_len, gap)  # (U,) sessions in the last max_len
     _, kept = divide_sessions(ds.items, ds.times, ds.offsets[users] + first, lengths - first, gap, 5, T)
     within = np.ones(max(len(ds.times) - 1, 0), dtype=bool)  # consecutive pairs inside one user's sequence
     within[ds.offsets[1:-1][(ds.offsets[1:-1] > 0) & (ds.offsets[1:-1] < len(ds.times))] - 1] = False
