@@ -223,8 +223,10 @@ class ActivationUnit(nn.Module):
     [behaviour, candidate, behaviour - candidate, behaviour * candidate].
 
     Weights are not normalised by a softmax (DIN keeps the intensity of interest);
-    padded behaviours weigh exactly zero. The MLP only sees real positions, so Dice's batch
-    statistics never include padding. The query is one candidate per row (B, D), or one
+    padded behaviours weigh exactly zero. With Dice the MLP sees only real positions in
+    training, so its batch statistics never include padding; with a position-wise activation
+    (sigmoid, PReLU, ReLU) it runs on every slot and padding is zeroed after, which is the same
+    function without the gathers and scatters. The query is one candidate per row (B, D), or one
     query per behaviour (B, L, D) (DMIN's candidate ⊕ position encoding).
 
     The first layer is the paper's linear map of the 4D-wide input, W [k, q, k-q, k⊙q] + b,
@@ -244,6 +246,9 @@ class ActivationUnit(nn.Module):
         super().__init__()
         self.dim = dim
         self.mlp = act_mlp(4 * dim, hidden, act)
+        # Dice normalises by the batch's statistics, which must not see padding; every other
+        # activation is position-wise, so training may run every slot and zero padding after
+        self.batch_statistics = any(isinstance(m, Dice) for m in self.mlp)
 
     def _blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
@@ -272,7 +277,7 @@ class ActivationUnit(nn.Module):
             query = query.unsqueeze(1)  # (B, 1, D)
         if per_query.dim() == 2:
             per_query = per_query.unsqueeze(1)  # (B, 1, H1)
-        if not self.training:  # no batch statistics: every slot alone, padding zeroed after (no gather/scatter)
+        if not (self.training and self.batch_statistics):  # every slot alone, padding zeroed after (no gather/scatter)
             kt = key_term if key_term is not None else F.linear(keys, Wkey)  # (B, L, H1)
             h = F.linear(keys * query, Wp).add_(kt).add_(per_query)  # (B, L, H1)
             w = self.mlp[1:](h.flatten(0, -2)).view(mask.shape).masked_fill(~mask, 0.0)  # (B, L); rows for PReLU's channels

@@ -17,7 +17,7 @@ from retrieval.ranking.base import EmbeddingMLP
 from retrieval.ranking.common import RankBatch, RankerConfig, feature_frequencies, mba_l2
 from retrieval.ranking.dien import DIEN, DIENConfig
 from retrieval.ranking.din import DIN, DINConfig
-from retrieval.ranking.dmin import DMIN, DMINConfig, attention_mask, auxiliary_loss
+from retrieval.ranking.dmin import DMIN, DMINConfig, attention_mask, auxiliary_loss, multi_head_attention
 
 N_ITEMS, N_CATS = 24, 4
 
@@ -282,6 +282,38 @@ def test_dmin_losses_ignore_padded_ids():
     # real negatives do matter
     moved = replace(batch, neg_history=torch.where(batch.mask, batch.neg_history % N_ITEMS + 1, 0))
     assert model.losses(moved)["aux"] != model.losses(batch)["aux"]
+
+
+def test_dmin_training_loss_and_gradients_ignore_padded_slots():
+    """The refiner, the heads and the sigmoid unit run on every slot in training and zero the
+    padding after: padded columns added to the batch change neither the loss nor any gradient."""
+    model = DMIN(small(DMINConfig, max_len=9), item_features()).train()
+    batch = problem(9, B=12)
+    wide = replace(with_padding_ids(batch, seed=3),  # 3 more columns, all padding, with junk ids
+                   history=torch.cat([batch.history, torch.randint(1, N_ITEMS + 1, (12, 3))], 1),
+                   mask=torch.cat([batch.mask, torch.zeros(12, 3, dtype=torch.bool)], 1),
+                   neg_history=torch.cat([batch.neg_history, torch.randint(1, N_ITEMS + 1, (12, 3))], 1))
+    grads = []
+    for b in (batch, wide):
+        model.zero_grad()
+        loss = model.loss(b)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() if p.grad is not None else None for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
+    for name, (a, b) in zip([n for n, _ in model.named_parameters()], zip(grads[0][1], grads[1][1])):
+        if name == "extractor.position.weight":  # the padded columns' position rows get no gradient
+            torch.testing.assert_close(b[:6], a[:6], rtol=1e-5, atol=1e-6)
+            assert torch.equal(b[6:], torch.zeros_like(b[6:]))
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    z_wide, z = model.refine(wide), model.refine(batch)  # (B, 9, D), (B, 6, D)
+    assert torch.equal(z_wide[~wide.mask], torch.zeros(int((~wide.mask).sum()), 16))  # zero on padding
+    torch.testing.assert_close(z_wide[:, :6], z, rtol=1e-5, atol=1e-6)
+    ex = model.extractor
+    h = multi_head_attention(z_wide, ex.qkv, ex.n_heads, attention_mask(wide.mask))  # (B, H_E, 9, D/H_E)
+    for k, head in enumerate(ex.heads):
+        i = head.encode(h[:, k], z_wide, wide.mask)  # (B, 9, D)
+        assert torch.equal(i[~wide.mask], torch.zeros(int((~wide.mask).sum()), 16))
 
 
 def test_dmin_all_padding_and_single_behaviour_rows_stay_finite():

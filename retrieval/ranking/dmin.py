@@ -110,13 +110,13 @@ class BehaviourRefiner(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
     def forward(self, e: Tensor, allowed: Tensor, mask: Tensor) -> Tensor:
-        """e (B, L, D), allowed (B, L, L), mask (B, L) -> z (B, L, D), 0 on padding (the
-        position-wise layers run on the real behaviours only)."""
+        """e (B, L, D), allowed (B, L, L), mask (B, L) -> z (B, L, D), 0 on padding. The layers are
+        position-wise and every padded position's attention is finite (it attends to itself), so
+        they run on every slot and padding is zeroed after: cheaper than gathering the real ones."""
         B, L, D = e.shape
         h = multi_head_attention(e, self.qkv, self.heads, allowed)  # (B, H_R, L, D/H_R)
-        h = h.transpose(1, 2).reshape(B, L, D)[mask]  # (n_real, D) heads concatenated
-        a = self.norm(e[mask] + self.out(h))  # (n_real, D)
-        return e.new_zeros(e.shape).masked_scatter(mask.unsqueeze(-1), a + self.ffn(a))  # (B, L, D)
+        a = self.norm(e + self.out(h.transpose(1, 2).reshape(B, L, D)))  # (B, L, D) heads concatenated
+        return (a + self.ffn(a)) * mask.unsqueeze(-1)  # (B, L, D)
 
 
 class InterestHead(nn.Module):
@@ -144,9 +144,9 @@ class InterestHead(nn.Module):
 
     def encode(self, head: Tensor, z: Tensor, mask: Tensor) -> Tensor:
         """The head's candidate-free part: head (H, L, D/H_E), z (H, L, D), mask (H, L) -> I (H, L, D),
-        zero on padding. The position-wise layers run on the real behaviours only."""
-        i = self.norm(z[mask] + self.out(head[mask]))  # (n_real, D)
-        return z.new_zeros(z.shape).masked_scatter(mask.unsqueeze(-1), i + self.ffn(i))  # (H, L, D)
+        zero on padding (position-wise layers on every slot, padding zeroed after, as in the refiner)."""
+        i = self.norm(z + self.out(head))  # (H, L, D)
+        return (i + self.ffn(i)) * mask.unsqueeze(-1)  # (H, L, D)
 
     def pool(self, i: Tensor, cand: Tensor, position: Tensor | None, mask: Tensor,
              key_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
