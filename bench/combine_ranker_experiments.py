@@ -1,14 +1,18 @@
-"""One `retrieve experiment-rankers` report from several runs of one command on disjoint split
-seeds (e.g. side by side, one process per core): the per-seed records joined and aggregated by
-the experiment's own code, so the JSON and its README tables are what one run over all the
-seeds would have written (timings aside: the parts' walls are recorded, and the report's wall
-is the longest part's).
+"""One `retrieve experiment-rankers` report from several runs: runs of one command on disjoint
+split seeds (e.g. side by side, one process per core), and runs of other rankers on the same
+seeds. The per-seed records are joined and aggregated by the experiment's own code, so the JSON
+and its README tables are what one run over all the seeds and rankers would have written
+(timings aside: the parts' walls are recorded, and the report's wall is the longest part's).
 
     python -m bench.combine_ranker_experiments --out reports/ml-100k-rankers-5seeds.json A.json B.json ...
 
-The parts must agree on everything but their seeds (data, part, M, the retrieval and ranker
-training settings, the retrieval stage's settings); a part that did not finish contributes the
-rankers it finished and the combined report says it is incomplete.
+The parts must agree on everything but their seeds and rankers (data, part, M, the retrieval and
+ranker training settings, the retrieval stage's settings). Where two parts hold one seed, each
+holds other rankers and both must have trained the same retrieval stage on it: its record and
+the retrieval order's figures must agree, so every ranker of a seed reranks one candidate list.
+The one training setting that may differ is the epoch cap: where it does, each ranker's label
+says its cap (`dmin` from a run with --epochs 6 becomes `dmin:epochs=6`). A part that did not
+finish contributes the rankers it finished and the combined report says it is incomplete.
 """
 from __future__ import annotations
 
@@ -27,11 +31,39 @@ from retrieval.ranking.experiment import KIND, aggregate_rankers, format_ranker_
 MUST_AGREE = ("data_fingerprint", "part", "M", "retrieval_settings", "rank_train_config", "sessions")
 
 
+RETRIEVAL_TOLERANCE = 1e-9  # the same retrieval stage gives the same figures, up to summation order
+
+
 def _settings(report: dict[str, Any]) -> dict[str, Any]:
-    """What the parts must share: MUST_AGREE and the retrieval training config but its split seed."""
+    """What the parts must share: MUST_AGREE (the ranker training config but its epoch cap) and the
+    retrieval training config but its split seed."""
     out = {k: report.get(k) for k in MUST_AGREE}
+    out["rank_train_config"] = {k: v for k, v in (report.get("rank_train_config") or {}).items() if k != "epochs"}
     out["retrieval_train_config"] = {k: v for k, v in report["retrieval_train_config"].items() if k != "split_seed"}
     return out
+
+
+def with_cap(label: str, epochs: int) -> str:
+    """A ranker label that says its epoch cap: `dmin` -> `dmin:epochs=6`, `din:horizon=20` ->
+    `din:horizon=20;epochs=6`; a label that sets its own cap is kept."""
+    if "epochs=" in label:
+        return label
+    return f"{label}{';' if ':' in label else ':'}epochs={epochs}"
+
+
+def _same_retrieval(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records of one seed come from the same retrieval stage: its training record
+    (timings aside) and the retrieval order's figures on the part's users."""
+    def figures(seed: dict[str, Any]) -> dict[str, Any]:
+        out = {f"stage.{k}": v for k, v in seed["retrieval"].items() if "seconds" not in k}
+        for ranker in seed["rankers"].values():
+            out.update({k: v for k, v in ranker.items() if k.startswith("retrieval_") and k != "retrieval_weight"})
+        return out
+
+    fa, fb = figures(a), figures(b)
+    shared = fa.keys() & fb.keys()
+    return all(abs(fa[k] - fb[k]) <= RETRIEVAL_TOLERANCE if isinstance(fa[k], float) else fa[k] == fb[k]
+               for k in shared)
 
 
 def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -39,30 +71,41 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     if not reports:
         raise ValueError("no reports to combine")
     first_path, first = reports[0]
-    labels: list[str] = []
-    per_seed: list[dict[str, Any]] = []
     for path, r in reports:
         if r.get("kind") != KIND:
             raise ValueError(f"{path}: not a ranker-experiment report (kind {r.get('kind')!r})")
         for key, value in _settings(r).items():
             if value != _settings(first)[key]:
-                raise ValueError(f"{path}: {key} differs from {first_path}'s; only the split seeds may differ")
+                raise ValueError(f"{path}: {key} differs from {first_path}'s; only the split seeds, the rankers "
+                                 "and the epoch cap may differ")
+    caps = {r["rank_train_config"]["epochs"] for _, r in reports}
+    label_of = (lambda label, r: with_cap(label, r["rank_train_config"]["epochs"])) if len(caps) > 1 else (
+        lambda label, r: label)
+    labels: list[str] = []
+    by_seed: dict[int, dict[str, Any]] = {}
+    for path, r in reports:
         for s in r["per_seed"]:
-            if any(s["split_seed"] == t["split_seed"] for t in per_seed):
-                raise ValueError(f"{path}: split seed {s['split_seed']} is in two reports")
-            per_seed.append(s)
-        labels += [label for label in r["rankers"] if label not in labels]
-    per_seed.sort(key=lambda s: s["split_seed"])
+            s = {**s, "rankers": {label_of(label, r): v for label, v in s["rankers"].items()}}
+            seen = by_seed.setdefault(s["split_seed"], {**s, "rankers": {}})
+            for label in s["rankers"].keys() & seen["rankers"].keys():
+                raise ValueError(f"{path}: split seed {s['split_seed']}: ranker {label} is in two reports")
+            if seen["rankers"] and not _same_retrieval(seen, s):
+                raise ValueError(f"{path}: split seed {s['split_seed']}: its retrieval stage differs from an earlier "
+                                 "report's; rankers of one seed must rerank the same candidates")
+            seen["rankers"].update(s["rankers"])
+        labels += [label_of(label, r) for label in r["rankers"] if label_of(label, r) not in labels]
+    per_seed = [by_seed[seed] for seed in sorted(by_seed)]
     walls = [r["wall_time_s"] for _, r in reports]
     return {
         **{k: v for k, v in first.items() if k not in ("per_seed", "rankers", "created", "command")},
-        "complete": all(r["complete"] for _, r in reports),
+        "complete": all(r["complete"] for _, r in reports) and all(len(s["rankers"]) == len(labels) for s in per_seed),
         "split_seeds": [s["split_seed"] for s in per_seed],
         "retrieval": {k: mean_std([s["retrieval"][k] for s in per_seed]) for k in per_seed[0]["retrieval"]},
+        "rank_train_config": {**first["rank_train_config"], "epochs": None if len(caps) > 1 else caps.pop()},
         "rankers": aggregate_rankers(labels, per_seed),
         "per_seed": per_seed,
         "wall_time_s": max(walls),
-        "timing_note": (f"{len(reports)} runs side by side on disjoint seeds (walls {', '.join(f'{w:.0f}' for w in walls)} s); "
+        "timing_note": (f"{len(reports)} runs on disjoint seeds or rankers (walls {', '.join(f'{w:.0f}' for w in walls)} s); "
                         + first["timing_note"]),
         "parts": [{"path": p, "split_seeds": r["split_seeds"], "wall_time_s": r["wall_time_s"],
                    "complete": r["complete"], "command": r["command"], "created": r["created"]} for p, r in reports],

@@ -50,18 +50,19 @@ def test_serve_summary_separates_the_p99_target_from_the_sustained_rate():
     assert t["zero_errors_across_reload"]
 
 
-def _ranker_report(seeds, aucs, complete=True, negatives=4):
+def _ranker_report(seeds, aucs, complete=True, negatives=4, ranker="din", retrieval_ndcg=0.275, epochs=8):
     """A ranker-experiment report as `experiment-rankers` writes it, with hand-made per-seed records."""
     from retrieval.ranking.experiment import KIND, aggregate_rankers
 
-    per_seed = [{"split_seed": s, "retrieval": {"best_epoch": 3},
-                 "rankers": {"din": {"auc": a, "two_stage_ndcg@20": 0.2 + a / 10, "retrieval_ndcg@20": 0.275,
-                                     "best_epoch": 2}}} for s, a in zip(seeds, aucs)]
+    per_seed = [{"split_seed": s, "retrieval": {"best_epoch": 3, "train_seconds": 10.0 * a},
+                 "rankers": {ranker: {"auc": a, "two_stage_ndcg@20": 0.2 + a / 10, "retrieval_ndcg@20": retrieval_ndcg,
+                                      "retrieval_weight": a, "best_epoch": 2}}} for s, a in zip(seeds, aucs)]
     return {"kind": KIND, "complete": complete, "dataset": "d.csv", "data_fingerprint": "f", "split_seeds": list(seeds),
             "part": "test", "M": 200, "jobs": 1, "timing_note": "one process", "retrieval_settings": {},
             "retrieval_train_config": {"epochs": 30, "split_seed": seeds[0]}, "retrieval": {},
-            "rank_train_config": {"negatives": negatives, "epochs": 8, "patience": 2, "monitor": "auc", "hard_share": 0.0},
-            "sessions": {}, "rankers": aggregate_rankers(["din"], per_seed), "per_seed": per_seed,
+            "rank_train_config": {"negatives": negatives, "epochs": epochs, "patience": 2, "monitor": "auc",
+                                  "hard_share": 0.0},
+            "sessions": {}, "rankers": aggregate_rankers([ranker], per_seed), "per_seed": per_seed,
             "wall_time_s": 100.0 * len(seeds), "created": "2026-12-01T00:00:00Z", "command": "retrieve experiment-rankers"}
 
 
@@ -80,7 +81,7 @@ def test_combined_ranker_reports_aggregate_every_seed_once(tmp_path):
     assert report["rankers"]["din"]["seeds_above_retrieval_ndcg@20"] == 2  # 0.28 and 0.29 above 0.275, 0.27 not
     assert report["wall_time_s"] == 200.0 and [p["split_seeds"] for p in report["parts"]] == [[2027, 2028], [2026]]
     assert not combine([("a", a), ("c", _ranker_report([2029], [0.7], complete=False))])["complete"]
-    with pytest.raises(ValueError, match="split seed 2027 is in two reports"):
+    with pytest.raises(ValueError, match="split seed 2027: ranker din is in two reports"):
         combine([("a", a), ("a2", _ranker_report([2027], [0.7]))])
     with pytest.raises(ValueError, match="rank_train_config differs"):
         combine([("a", a), ("n", _ranker_report([2029], [0.7], negatives=1))])
@@ -93,6 +94,38 @@ def test_combined_ranker_reports_aggregate_every_seed_once(tmp_path):
     assert "2026, 2027, 2028" in (tmp_path / "all.md").read_text()
     with pytest.raises(SystemExit, match="is one of the reports"):
         main([*paths, "--out", paths[0]])
+
+
+def test_combined_ranker_reports_join_other_rankers_on_the_same_seeds_and_retrieval_stage(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.combine_ranker_experiments import combine, main
+
+    din = _ranker_report([2026, 2027], [0.8, 0.9])
+    dmin = _ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin")  # same retrieval stage, other timings and weights
+    report = combine([("din", din), ("dmin", dmin)])
+    assert list(report["rankers"]) == ["din", "dmin"] and report["split_seeds"] == [2026, 2027]
+    assert all(set(s["rankers"]) == {"din", "dmin"} for s in report["per_seed"]) and report["complete"]
+    assert report["rankers"]["dmin"]["auc"]["mean"] == pytest.approx(0.75)
+    assert report["rank_train_config"]["epochs"] == 8
+    # a ranker on fewer seeds than the others: its row says which, and the report is incomplete
+    short = combine([("din", din), ("dmin", _ranker_report([2026], [0.7], ranker="dmin"))])
+    assert short["rankers"]["dmin"]["seeds"] == [2026] and not short["complete"]
+    # another retrieval stage on a shared seed: refused, whatever the ranker
+    with pytest.raises(ValueError, match="split seed 2026: its retrieval stage differs"):
+        combine([("din", din), ("dmin", _ranker_report([2026], [0.7], ranker="dmin", retrieval_ndcg=0.25))])
+    # other epoch caps: every label says its own cap
+    capped = combine([("din", din), ("dmin", _ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin", epochs=6))])
+    assert list(capped["rankers"]) == ["din:epochs=8", "dmin:epochs=6"] and capped["rank_train_config"]["epochs"] is None
+    (tmp_path / "a.json").write_text(json.dumps(din))
+    (tmp_path / "b.json").write_text(json.dumps(_ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin", epochs=6)))
+    main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "all.json")])
+    md = (tmp_path / "all.md").read_text()
+    assert "each at most the epochs its label says" in md and "| dmin:epochs=6 |" in md
+    with pytest.raises(ValueError, match="rank_train_config differs"):  # other training settings still refused
+        combine([("din", din), ("dmin", _ranker_report([2026], [0.7], ranker="dmin", negatives=1))])
 
 
 def _experiment_report(tmp_path, name, runs, complete=True, fingerprint="f", split="user"):

@@ -288,8 +288,9 @@ def format_ranker_markdown(report: dict[str, Any]) -> str:
         return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if spread else f"{v['mean']:.{digits}f}"
 
     cfg = report["rank_train_config"]
+    cap = "each at most the epochs its label says" if cfg["epochs"] is None else f"at most {cfg['epochs']} epochs"
     lines = [f"{report['dataset']}, user split, split seed{'s' if spread else ''} {', '.join(map(str, seeds))}, "
-             f"{report['part']} users, M={report['M']}; rankers: at most {cfg['epochs']} epochs, patience "
+             f"{report['part']} users, M={report['M']}; rankers: {cap}, patience "
              f"{cfg['patience']} on validation {cfg['monitor']}, {cfg['negatives']} negative(s) per positive "
              f"(hard share {cfg['hard_share']}); {'mean ± std over seeds' if spread else 'one seed'}; "
              f"wall {report['wall_time_s']:.0f} s"
