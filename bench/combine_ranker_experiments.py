@@ -17,6 +17,7 @@ finish contributes the rankers it finished and the combined report says it is in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.artifacts import atomic_write_bytes, atomic_write_json, command_line  # noqa: E402
 from retrieval.experiment import mean_std  # noqa: E402
+from retrieval.train import TrainConfig  # noqa: E402
 from retrieval.ranking.experiment import KIND, aggregate_rankers, format_ranker_markdown  # noqa: E402
 
 MUST_AGREE = ("data_fingerprint", "part", "M", "retrieval_settings", "rank_train_config", "sessions")
@@ -36,10 +38,14 @@ RETRIEVAL_TOLERANCE = 1e-9  # the same retrieval stage gives the same figures, u
 
 def _settings(report: dict[str, Any]) -> dict[str, Any]:
     """What the parts must share: MUST_AGREE (the ranker training config but its epoch cap) and the
-    retrieval training config but its split seed."""
+    retrieval training config but its split seed. A retrieval setting that a part's report predates
+    counts as TrainConfig's default for it (a setting is added with the default that keeps the old
+    behaviour; the per-seed check of the retrieval figures still has the last word)."""
     out = {k: report.get(k) for k in MUST_AGREE}
     out["rank_train_config"] = {k: v for k, v in (report.get("rank_train_config") or {}).items() if k != "epochs"}
-    out["retrieval_train_config"] = {k: v for k, v in report["retrieval_train_config"].items() if k != "split_seed"}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    retrieval = {**defaults, **report["retrieval_train_config"]}
+    out["retrieval_train_config"] = {k: v for k, v in retrieval.items() if k != "split_seed"}
     return out
 
 

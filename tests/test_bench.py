@@ -124,6 +124,13 @@ def test_combined_ranker_reports_join_other_rankers_on_the_same_seeds_and_retrie
     main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "all.json")])
     md = (tmp_path / "all.md").read_text()
     assert "each at most the epochs its label says" in md and "| dmin:epochs=6 |" in md
+    # a retrieval setting an older part predates counts as its default; another value is refused
+    newer = _ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin")
+    newer["retrieval_train_config"]["recent_targets"] = 1.0
+    assert list(combine([("din", din), ("dmin", newer)])["rankers"]) == ["din", "dmin"]
+    newer["retrieval_train_config"]["recent_targets"] = 0.5
+    with pytest.raises(ValueError, match="retrieval_train_config differs"):
+        combine([("din", din), ("dmin", newer)])
     with pytest.raises(ValueError, match="rank_train_config differs"):  # other training settings still refused
         combine([("din", din), ("dmin", _ranker_report([2026], [0.7], ranker="dmin", negatives=1))])
 
