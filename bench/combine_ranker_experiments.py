@@ -77,29 +77,33 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     if not reports:
         raise ValueError("no reports to combine")
     first_path, first = reports[0]
+    expected = _settings(first)
     for path, r in reports:
         if r.get("kind") != KIND:
             raise ValueError(f"{path}: not a ranker-experiment report (kind {r.get('kind')!r})")
         for key, value in _settings(r).items():
-            if value != _settings(first)[key]:
+            if value != expected[key]:
                 raise ValueError(f"{path}: {key} differs from {first_path}'s; only the split seeds, the rankers "
                                  "and the epoch cap may differ")
     caps = {r["rank_train_config"]["epochs"] for _, r in reports}
-    label_of = (lambda label, r: with_cap(label, r["rank_train_config"]["epochs"])) if len(caps) > 1 else (
-        lambda label, r: label)
+
+    def label_of(label: str, r: dict[str, Any]) -> str:
+        return with_cap(label, r["rank_train_config"]["epochs"]) if len(caps) > 1 else label
+
     labels: list[str] = []
     by_seed: dict[int, dict[str, Any]] = {}
     for path, r in reports:
         for s in r["per_seed"]:
             s = {**s, "rankers": {label_of(label, r): v for label, v in s["rankers"].items()}}
             seen = by_seed.setdefault(s["split_seed"], {**s, "rankers": {}})
-            for label in s["rankers"].keys() & seen["rankers"].keys():
-                raise ValueError(f"{path}: split seed {s['split_seed']}: ranker {label} is in two reports")
+            clash = sorted(s["rankers"].keys() & seen["rankers"].keys())
+            if clash:
+                raise ValueError(f"{path}: split seed {s['split_seed']}: ranker {clash[0]} is in two reports")
             if seen["rankers"] and not _same_retrieval(seen, s):
                 raise ValueError(f"{path}: split seed {s['split_seed']}: its retrieval stage differs from an earlier "
                                  "report's; rankers of one seed must rerank the same candidates")
             seen["rankers"].update(s["rankers"])
-        labels += [label_of(label, r) for label in r["rankers"] if label_of(label, r) not in labels]
+        labels += [label for label in (label_of(name, r) for name in r["rankers"]) if label not in labels]
     per_seed = [by_seed[seed] for seed in sorted(by_seed)]
     walls = [r["wall_time_s"] for _, r in reports]
     return {
@@ -107,7 +111,7 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         "complete": all(r["complete"] for _, r in reports) and all(len(s["rankers"]) == len(labels) for s in per_seed),
         "split_seeds": [s["split_seed"] for s in per_seed],
         "retrieval": {k: mean_std([s["retrieval"][k] for s in per_seed]) for k in per_seed[0]["retrieval"]},
-        "rank_train_config": {**first["rank_train_config"], "epochs": None if len(caps) > 1 else caps.pop()},
+        "rank_train_config": {**first["rank_train_config"], "epochs": None if len(caps) > 1 else next(iter(caps))},
         "rankers": aggregate_rankers(labels, per_seed),
         "per_seed": per_seed,
         "wall_time_s": max(walls),
