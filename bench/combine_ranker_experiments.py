@@ -10,6 +10,9 @@ The parts must agree on everything but their seeds and rankers (data, part, M, t
 ranker training settings, the retrieval stage's settings). Where two parts hold one seed, each
 holds other rankers and both must have trained the same retrieval stage on it: its record and
 the retrieval order's figures must agree, so every ranker of a seed reranks one candidate list.
+A seed's training is reproducible on one kind of CPU but not across kinds (their kernels round
+differently, and the trajectories part), so runs from different machines rarely join; the refusal
+names both machines where the reports record them (`trained_on`).
 The one training setting that may differ is the epoch cap: where it does, each ranker's label
 says its cap (`dmin` from a run with --epochs 6 becomes `dmin:epochs=6`). A part that did not
 finish contributes the rankers it finished and the combined report says it is incomplete.
@@ -57,6 +60,13 @@ def with_cap(label: str, epochs: int) -> str:
     return f"{label}{';' if ':' in label else ':'}epochs={epochs}"
 
 
+def machine(report: dict[str, Any]) -> str | None:
+    """The CPU a report's run trained on ("model name (capability)"), or None for a report that
+    predates the record."""
+    on = report.get("trained_on") or {}
+    return f"{on['cpu']} ({on.get('cpu_capability', '?')})" if "cpu" in on else None
+
+
 def _same_retrieval(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two records of one seed come from the same retrieval stage: its training record
     (timings aside) and the retrieval order's figures on the part's users."""
@@ -92,16 +102,21 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
     labels: list[str] = []
     by_seed: dict[int, dict[str, Any]] = {}
+    machine_of: dict[int, str | None] = {}  # split seed -> the CPU of the part that first held it
     for path, r in reports:
         for s in r["per_seed"]:
             s = {**s, "rankers": {label_of(label, r): v for label, v in s["rankers"].items()}}
             seen = by_seed.setdefault(s["split_seed"], {**s, "rankers": {}})
+            machine_of.setdefault(s["split_seed"], machine(r))
             clash = sorted(s["rankers"].keys() & seen["rankers"].keys())
             if clash:
                 raise ValueError(f"{path}: split seed {s['split_seed']}: ranker {clash[0]} is in two reports")
             if seen["rankers"] and not _same_retrieval(seen, s):
+                earlier, this = machine_of[s["split_seed"]], machine(r)
+                why = (f" (trained on {this}, the earlier on {earlier}: a seed's training reproduces on one kind "
+                       "of CPU, not across kinds)" if earlier and this and earlier != this else "")
                 raise ValueError(f"{path}: split seed {s['split_seed']}: its retrieval stage differs from an earlier "
-                                 "report's; rankers of one seed must rerank the same candidates")
+                                 f"report's{why}; rankers of one seed must rerank the same candidates")
             seen["rankers"].update(s["rankers"])
         labels += [label for label in (label_of(name, r) for name in r["rankers"]) if label not in labels]
     per_seed = [by_seed[seed] for seed in sorted(by_seed)]
@@ -118,7 +133,8 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         "timing_note": (f"{len(reports)} runs on disjoint seeds or rankers (walls {', '.join(f'{w:.0f}' for w in walls)} s); "
                         + first["timing_note"]),
         "parts": [{"path": p, "split_seeds": r["split_seeds"], "wall_time_s": r["wall_time_s"],
-                   "complete": r["complete"], "command": r["command"], "created": r["created"]} for p, r in reports],
+                   "complete": r["complete"], "command": r["command"], "created": r["created"],
+                   "machine": machine(r)} for p, r in reports],
         "command": command_line(),
         "created": max(r["created"] for _, r in reports),
     }

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import platform
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
@@ -95,11 +97,29 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def describe(self) -> dict[str, Any]:
-        """The settings as plain values, for manifests and reports."""
-        out: dict[str, Any] = {"device": str(self.device), "precision": self.precision, "compile": self.compile}
+        """The settings as plain values, for manifests and reports, and the processor: a seed's
+        training is reproducible on one kind of CPU, not across kinds (their kernels round
+        differently), so a figure says where it was computed."""
+        out: dict[str, Any] = {"device": str(self.device), "precision": self.precision, "compile": self.compile,
+                               **cpu_description()}
         if self.cuda:
             out["gpu"] = torch.cuda.get_device_name(self.device)
         return out
+
+
+@functools.cache
+def cpu_description() -> dict[str, str]:
+    """{"cpu": the processor's model name, "cpu_capability": the vector instructions torch's
+    kernels use (e.g. AVX512)}. The model name comes from /proc/cpuinfo on Linux, else from
+    `platform`; "unknown" where neither says."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": name or platform.processor() or platform.machine() or "unknown",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def runtime_for(device: str = "cpu", precision: str = "fp32", compile: bool = False, local_rank: int = 0) -> Runtime:

@@ -116,6 +116,15 @@ def test_combined_ranker_reports_join_other_rankers_on_the_same_seeds_and_retrie
     # another retrieval stage on a shared seed: refused, whatever the ranker
     with pytest.raises(ValueError, match="split seed 2026: its retrieval stage differs"):
         combine([("din", din), ("dmin", _ranker_report([2026], [0.7], ranker="dmin", retrieval_ndcg=0.25))])
+    # ... and where both reports say which CPU trained them and the CPUs differ, the refusal names both
+    intel = {**din, "trained_on": {"device": "cpu", "cpu": "Intel Xeon", "cpu_capability": "AVX512"}}
+    amd = {**_ranker_report([2026], [0.7], ranker="dmin", retrieval_ndcg=0.25),
+           "trained_on": {"device": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX2"}}
+    with pytest.raises(ValueError, match=r"split seed 2026: its retrieval stage differs from an earlier report's "
+                                         r"\(trained on AMD EPYC \(AVX2\), the earlier on Intel Xeon \(AVX512\): "
+                                         r"a seed's training reproduces on one kind of CPU, not across kinds\)"):
+        combine([("intel", intel), ("amd", amd)])
+    assert combine([("intel", intel), ("dmin", dmin)])["parts"][0]["machine"] == "Intel Xeon (AVX512)"
     # other epoch caps: every label says its own cap
     capped = combine([("din", din), ("dmin", _ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin", epochs=6))])
     assert list(capped["rankers"]) == ["din:epochs=8", "dmin:epochs=6"] and capped["rank_train_config"]["epochs"] is None

@@ -14,7 +14,7 @@ from conftest import TINY, assert_clean_error, assert_usage_error
 from data.synthetic import generate
 from retrieval.bundle import load_bundle, save_bundle, config_dict
 from retrieval.data import DataSpec, load_dataset, split_users
-from retrieval.device import DeviceError, Runtime, cpu_state, resolve_device, runtime_for, to_device
+from retrieval.device import DeviceError, Runtime, cpu_description, cpu_state, resolve_device, runtime_for, to_device
 from retrieval.evaluate import exact_index, held_out_users
 from retrieval.recommend import recommend
 from retrieval.resident import ResidentWindows, gather_histories
@@ -41,6 +41,14 @@ def test_auto_is_cuda_exactly_when_a_gpu_is_there() -> None:
 
 
 @no_cuda
+def test_a_runtime_says_which_cpu_it_ran_on() -> None:
+    """Manifests and reports record the processor: a seed's training reproduces on one kind of CPU only."""
+    described = runtime_for("cpu").describe()
+    assert described["cpu"] and described["cpu"] == cpu_description()["cpu"]
+    assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(described) == {"device", "precision", "compile", "cpu", "cpu_capability"}
+
+
 def test_cuda_without_a_gpu_is_an_error() -> None:
     with pytest.raises(DeviceError, match="no CUDA GPU is available"):
         resolve_device("cuda")

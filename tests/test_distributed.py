@@ -25,7 +25,7 @@ from data.synthetic import generate
 from retrieval.bundle import load_bundle
 from retrieval.checkpoint import Checkpointing
 from retrieval.data import DataSpec, load_dataset, split_users
-from retrieval.device import cpu_state
+from retrieval.device import cpu_description, cpu_state
 from retrieval.errors import ArtifactError
 from retrieval.distributed import Group, share
 from retrieval.evaluate import exact_index, held_out_users
@@ -231,7 +231,7 @@ def test_resuming_two_processes_reproduces_the_uninterrupted_run(two_ranks: Path
 def test_a_bundle_from_two_processes_loads_and_serves_in_one(two_ranks: Path, tiny_paths) -> None:
     b = load_bundle(two_ranks / "bundle")
     assert b.manifest["trained_on"] == {"device": "cpu", "precision": "fp32", "compile": False, "processes": 2,
-                                        "backend": "gloo"}
+                                        "backend": "gloo", **cpu_description()}
     full = torch.load(two_ranks / "full_0.pt", weights_only=True)
     assert all(torch.equal(v, full["state"][k]) for k, v in b.model.state_dict().items())
     users, ends, _ = held_out_users(b.dataset, b.split, "validation")

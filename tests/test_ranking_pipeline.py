@@ -898,6 +898,9 @@ def test_experiment_rankers_report_with_variants(invoke, tmp_path):
     assert report["rank_train_config"]["patience"] == 1 and report["rank_train_config"]["epochs"] == 2
     assert report["sessions"]["users"] == 60 and 0 <= report["sessions"]["users_with_one_session"] <= 1
     assert set(report["retrieval"]) >= {"best_epoch", "val_recall@50"}
+    from retrieval.device import cpu_description  # where it ran: a seed's figures reproduce on one kind of CPU
+    assert report["trained_on"] == {"device": "cpu", "precision": "fp32", "compile": False, "processes": 1,
+                                    **cpu_description()} and report["trained_on"]["cpu"]
     for label, row in report["rankers"].items():
         assert 0 <= row["auc"]["mean"] <= 1 and row["auc"]["std"] >= 0 and row["log_loss"]["mean"] > 0
         assert row["candidates_per_s"]["mean"] > 0 and 0 < row["latency_p50_ms"]["mean"] <= row["latency_p99_ms"]["mean"]

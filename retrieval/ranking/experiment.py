@@ -27,7 +27,7 @@ import torch
 
 from retrieval.artifacts import command_line, package_versions
 from retrieval.data import Dataset, DataSpec, split_users
-from retrieval.device import Runtime
+from retrieval.device import Runtime, runtime_for
 from retrieval.distributed import current, from_main
 from retrieval.errors import ConfigError
 from retrieval.evaluate import exact_index
@@ -186,7 +186,7 @@ def run_ranker_experiment(
 
     def report(seconds: float) -> dict[str, Any]:
         return _report(ds, spec, seeds, labels, per_seed, retrieval_settings, retrieval_train, rank_train,
-                       part, m, jobs, seconds)
+                       part, m, jobs, seconds, runtime or runtime_for())
 
     def done(result: dict[str, Any]) -> None:
         per_seed.append(result)
@@ -233,7 +233,7 @@ def aggregate_rankers(labels: Sequence[str], per_seed: Sequence[dict[str, Any]])
 
 def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str], per_seed: list[dict[str, Any]],
             retrieval_settings: dict[str, Any], retrieval_train: TrainConfig, rank_train: RankTrainConfig,
-            part: str, m: int, jobs: int, seconds: float) -> dict[str, Any]:
+            part: str, m: int, jobs: int, seconds: float, runtime: Runtime) -> dict[str, Any]:
     return {
         "kind": KIND,
         "complete": len(per_seed) == len(seeds) and all(len(s["rankers"]) == len(labels) for s in per_seed),
@@ -250,6 +250,7 @@ def _report(ds: Dataset, spec: DataSpec, seeds: Sequence[int], labels: list[str]
         "retrieval": {k: mean_std([s["retrieval"][k] for s in per_seed]) for k in per_seed[0]["retrieval"]},
         "rank_train_config": dataclasses.asdict(rank_train),
         "sessions": session_statistics(ds, rank_train.max_len),
+        "trained_on": {**runtime.describe(), "processes": current().world},  # a seed reproduces on one kind of CPU
         "rankers": aggregate_rankers(labels, per_seed),
         "per_seed": list(per_seed),  # a snapshot: the run goes on appending
         "wall_time_s": round(seconds, 2),
