@@ -122,7 +122,9 @@ def combine(reports: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     per_seed = [by_seed[seed] for seed in sorted(by_seed)]
     walls = [r["wall_time_s"] for _, r in reports]
     return {
-        **{k: v for k, v in first.items() if k not in ("per_seed", "rankers", "created", "command")},
+        **{k: v for k, v in first.items() if k not in ("per_seed", "rankers", "created", "command", "trained_on")},
+        # the machine where every part names the same one (each part's, or None, is under "parts")
+        **({"trained_on": first["trained_on"]} if machine(first) and len({machine(r) for _, r in reports}) == 1 else {}),
         "complete": all(r["complete"] for _, r in reports) and all(len(s["rankers"]) == len(labels) for s in per_seed),
         "split_seeds": [s["split_seed"] for s in per_seed],
         "retrieval": {k: mean_std([s["retrieval"][k] for s in per_seed]) for k in per_seed[0]["retrieval"]},

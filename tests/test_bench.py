@@ -124,7 +124,11 @@ def test_combined_ranker_reports_join_other_rankers_on_the_same_seeds_and_retrie
                                          r"\(trained on AMD EPYC \(AVX2\), the earlier on Intel Xeon \(AVX512\): "
                                          r"a seed's training reproduces on one kind of CPU, not across kinds\)"):
         combine([("intel", intel), ("amd", amd)])
-    assert combine([("intel", intel), ("dmin", dmin)])["parts"][0]["machine"] == "Intel Xeon (AVX512)"
+    # the combined report names a machine only where every part names that one
+    mixed = combine([("intel", intel), ("dmin", dmin)])
+    assert [p["machine"] for p in mixed["parts"]] == ["Intel Xeon (AVX512)", None] and "trained_on" not in mixed
+    assert combine([("intel", intel), ("dmin", {**dmin, "trained_on": intel["trained_on"]})])["trained_on"] == \
+        intel["trained_on"]
     # other epoch caps: every label says its own cap
     capped = combine([("din", din), ("dmin", _ranker_report([2026, 2027], [0.7, 0.8], ranker="dmin", epochs=6))])
     assert list(capped["rankers"]) == ["din:epochs=8", "dmin:epochs=6"] and capped["rank_train_config"]["epochs"] is None
